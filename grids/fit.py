@@ -69,6 +69,8 @@ def _fit_affine(spec: GridSpec, W: np.ndarray) -> AffineGrid:
     # FLOAT domain (Q4_1 style): x = d * q + m with m = min
     m = round_to_dtype(xmin, spec.scale_dtype)
     d = round_to_dtype((xmax - m) / maxq, spec.scale_dtype)
+    # a nonzero range whose step underflows to 0 would put every weight on the min
+    d = np.where((d == 0) & (xmax > m), np.float32(FP16_TINY), d)
     return AffineGrid(scales=np.maximum(d, 0).astype(np.float32), mins=m)
 
 

@@ -179,6 +179,10 @@ def validate(codes: np.ndarray, grid: Grid, spec: GridSpec, where: str = "tensor
     if grid.kind != spec.kind:
         raise GridError(f"{where}: spec {spec.name} expects a {spec.kind.value} grid "
                         f"(not {grid.kind.value})")
+    for k, v in grid.arrays().items():          # float64 scales would decode in float64
+        if np.asarray(v).dtype != _ARRAY_DTYPES[k]:
+            raise GridError(f"{where}.{k}: expected dtype {np.dtype(_ARRAY_DTYPES[k])} "
+                            f"(not {np.asarray(v).dtype})")
     ng = spec.n_groups(in_f)
     if isinstance(grid, AffineGrid):
         _expect(grid.scales, (out_f, ng), "scales", where)

