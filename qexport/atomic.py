@@ -35,6 +35,9 @@ def atomic_output(path: str | os.PathLike, *, is_dir: bool, force: bool = False)
     check_output_path(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes 0700; the artifact gets normal modes
     target = tmp if is_dir else tmp / path.name
     try:
         yield target

@@ -75,8 +75,13 @@ def retarget(model: QModel, target: str, *, fmt: str = "ct") -> QModel:
 
 def lower(model: QModel, target: str, out: str | Path, *, force: bool = False,
           fmt: str = "ct", dtype: str | None = None, accuracy_level: int = 0) -> list[Path]:
-    """Write ``model`` as a ``target`` artifact at ``out`` (+ an adapter when it has LoRC)."""
-    model = retarget(model, target, fmt=fmt)
+    """Write ``model`` as a ``target`` artifact at ``out`` (+ an adapter when it has LoRC).
+
+    The vLLM backend checks and relabels grids itself (it names the format's own limits,
+    e.g. GPTQ v1's zero point), so only GGUF and ONNX go through :func:`retarget` here.
+    """
+    if target != "vllm":
+        model = retarget(model, target, fmt=fmt)
     out = Path(out)
     has_lorc = any(qt.residual is not None for qt in model.tensors.values())
     if target == "gguf":
@@ -92,7 +97,11 @@ def lower(model: QModel, target: str, out: str | Path, *, force: bool = False,
         return [lower_onnx(model, out, dtype=dtype or "fp32", accuracy_level=accuracy_level,
                            force=force)]
     from qexport.backends.vllm.lower import lower_vllm
-    return [lower_vllm(model, out, fmt=fmt, dtype=dtype or "float16", force=force)]
+    from qexport.backends.vllm.peft import adapter_dir, has_adapter
+    paths = [lower_vllm(model, out, fmt=fmt, dtype=dtype or "float16", force=force)]
+    if has_adapter(model):
+        paths.append(adapter_dir(out))
+    return paths
 
 
 def detect_artifact(path: str | Path) -> str:
@@ -113,13 +122,6 @@ def detect_artifact(path: str | Path) -> str:
                      "or an HF folder (config.json)")
 
 
-def _vllm_fmt(path: str | Path) -> str:
-    import json
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    method = (cfg.get("quantization_config") or {}).get("quant_method", "")
-    return "gptq" if method == "gptq" else "ct"
-
-
 def verify_artifact(path: str | Path, model: QModel) -> Any:
     """Decode ``path`` and compare it with ``model``; returns the backend's report."""
     kind = detect_artifact(path)
@@ -131,5 +133,5 @@ def verify_artifact(path: str | Path, model: QModel) -> Any:
         return verify_onnx(path, retarget(model, "onnx"))
     if kind == "vllm":
         from qexport.backends.vllm.verify import verify_vllm
-        return verify_vllm(path, retarget(model, "vllm", fmt=_vllm_fmt(path)))
+        return verify_vllm(path, model)
     raise InputError(f"{path}: is an IR folder; verify takes an exported artifact")

@@ -79,7 +79,9 @@ def plan_gguf(recipe: str, config: dict[str, Any], shapes: dict[str, tuple[int, 
     from qexport.backends.gguf.recipes import plan_recipe
     from qexport.backends.gguf.types import spec_for
     plan = plan_recipe(recipe, config, shapes, pure=pure, overrides=overrides)
-    return {n: TensorPlan(spec_for(p.type_name), p.reason) for n, p in plan.items()}
+    # "F16"/"F32" entries mean "keep float" (e.g. a row llama.cpp cannot block): passthrough
+    return {n: TensorPlan(spec_for(p.type_name), p.reason) for n, p in plan.items()
+            if p.type_name.upper() not in ("F16", "F32")}
 
 
 def describe(spec: GridSpec) -> str:

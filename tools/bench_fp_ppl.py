@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 REFERENCE = {"all_targets": 29.4668, "second_half": 23.6086}
-DEFAULT_WIKI = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DEFAULT_WIKI = SHARED / "data/wikitext-2-raw/wiki.test.raw"
 
 
 def main(argv: list[str] | None = None) -> int:

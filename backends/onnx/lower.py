@@ -71,4 +71,15 @@ def lower_onnx(model: QModel, out_dir: str | os.PathLike, *, dtype: str = "fp32"
         files = write_genai_files(tmp, model, dc, cuda=dtype == "fp16")
         (tmp / MANIFEST_FILE).write_text(
             json.dumps(_manifest(model, dtype, accuracy_level, proto, files), indent=2) + "\n")
+        _umask_modes(tmp)
     return out
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give the temp folder (mkdtemp: 0700) and files (external data: 0600) the modes a plain
+    mkdir / open would have had, so another user's runtime can read the artifact."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)

@@ -212,7 +212,8 @@ class ArchInfo:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the model (HF names) with its expected shape; no lm_head when tied."""
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab, self.hidden)}
         for i in range(self.n_layers):
             shapes.update(self.layer_shapes(i))
         shapes["model.norm.weight"] = (self.hidden,)

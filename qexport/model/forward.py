@@ -194,7 +194,8 @@ class DecoderLayer(nn.Module):
     def attn_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.input_layernorm(h)
 
-    def attn_context(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attn_context(self, h: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.self_attn.context(self.attn_input(h), rope)
 
     def attn_residual(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:

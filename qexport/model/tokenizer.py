@@ -33,7 +33,8 @@ def load_tokenizer(tok: Any) -> Any:
         try:
             return AutoTokenizer.from_pretrained(tmp)
         except Exception as e:
-            raise InputError(f"tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
+            raise InputError(f"tokenizer files could not be loaded "
+                             f"({type(e).__name__}: {e})") from e
 
 
 def bos_to_add(tokenizer: Any) -> int | None:

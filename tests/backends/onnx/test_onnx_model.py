@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import onnx
@@ -206,3 +207,7 @@ def test_genai_config_names_match_graph(exported):
     assert len(ins) == 2 + 2 * n and dec["outputs"]["logits"] in outs
     assert cfg["type"] == "llama" and cfg["eos_token_id"] == [2] and cfg["vocab_size"] == 1000
     assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file()
+    mask = os.umask(0)
+    os.umask(mask)                              # modes as a plain mkdir/open would give
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (folder / "model.onnx.data").stat().st_mode & 0o777 == 0o666 & ~mask
