@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,15 +120,20 @@ def _install(layer: Any, name: str, W: torch.Tensor, new: Any) -> None:
     layer.linear(name).weight = torch.nn.Parameter(new.clone(), requires_grad=False)
 
 
+@dataclass
 class _Stats:
-    def __init__(self) -> None:
-        self.forward = 0.0
-        self.hessian = 0.0
-        self.quantize = 0.0
+    """Seconds spent in layer forwards, Hessian updates and quantize_fn."""
+
+    forward: float = 0.0
+    hessian: float = 0.0
+    quantize: float = 0.0
 
 
 def _quantize_group(layer: Any, names: list[str], acc: HessianAccumulator,
                     quantize_fn: QuantizeFn, stats: _Stats) -> None:
+    if not torch.isfinite(acc.H).all():
+        raise NumericsError(f"{names[0]}: Hessian has NaN/inf values (the layer's input "
+                            "activations overflowed in float32)")
     t0 = time.perf_counter()
     for name in names:
         W = layer.linear(name).weight.detach().clone()

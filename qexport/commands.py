@@ -117,11 +117,8 @@ def print_report(report: Any, as_json: bool) -> bool:
 def run_eval(model: str, text: str, ctx: int, windows: int | None,
              progress: bool = True) -> dict[str, Any]:
     """Perplexity of a source model or IR folder with qexport's torch forward."""
-    import numpy as np
-
     from qexport.eval import load_eval_text, perplexity
     from qexport.model.forward import build_causal_lm
-    from qexport.model.tokenizer import hf_tokenizer
     p = Path(model)
     if (p / "manifest.json").is_file():
         from qexport.irio import load_ir
@@ -130,9 +127,8 @@ def run_eval(model: str, text: str, ctx: int, windows: int | None,
     else:
         from qexport.model.load import load_model
         src = load_model(model)
-        config, tok_files = src.config, src.tokenizer
-        sd = {n: np.asarray(src.get(n), dtype=np.float32) for n in src.tensor_names()}
+        config, sd, tok_files = src.config, src.state_dict(), src.tokenizer
     lm = build_causal_lm(config, sd)
-    ids = load_eval_text(text, hf_tokenizer(tok_files))
-    res = perplexity(lm, ids, ctx=ctx, n_windows=windows, progress=progress)
+    res = perplexity(lm, load_eval_text(text, tok_files), ctx=ctx, n_windows=windows,
+                     progress=progress)
     return dict(res)

@@ -10,10 +10,14 @@ metric          targets of each window (0-based)      per window at ctx=512
 =============== ===================================== =========================
 ``all_targets`` 1 .. ctx-1                            511
 ``second_half`` ctx/2 .. ctx-1                        256
+``llama_cpp``   ctx/2+1 .. ctx-1                      255
 =============== ===================================== =========================
 
-PPL = exp(sum NLL / number of scored tokens). ``second_half`` is the "llama-perplexity -c 512"
-style figure; note llama.cpp itself scores targets ctx/2+1 .. ctx-1 (one token fewer).
+PPL = exp(sum NLL / number of scored tokens). ``all_targets`` is the GPTQ-paper figure,
+``second_half`` the project's "llama-perplexity -c 512 style" reference figure (models-data.md
+§4.4: 29.47 / 23.61 for the sample model), and ``llama_cpp`` exactly what llama.cpp's
+``perplexity`` tool scores (``first = n_ctx/2``, ``n_ctx - 1 - first`` targets per chunk), for
+comparing with the number it prints.
 """
 from __future__ import annotations
 
@@ -99,8 +103,9 @@ def perplexity(model_or_logits_fn: LogitsFn, token_ids: Any, ctx: int = 512,
     ``[B, ctx, V]`` (torch or numpy; a qexport CausalLM, or an ONNX / llama.cpp wrapper).
 
     Returns:
-        ``{"all_targets", "second_half", "n_windows", "tokens_scored",
-        "tokens_scored_second_half", "ctx", "bos"}``.
+        ``{"all_targets", "second_half", "llama_cpp", "n_windows", "tokens_scored",
+        "tokens_scored_second_half", "tokens_scored_llama_cpp", "ctx", "bos"}`` (see the
+        module docstring for which targets each metric scores).
     """
     if isinstance(token_ids, EvalText):
         bos_id = token_ids.bos_id if bos_id is None else bos_id
@@ -118,7 +123,7 @@ def perplexity(model_or_logits_fn: LogitsFn, token_ids: Any, ctx: int = 512,
         windows[:, 0] = bos_id
     from tqdm import tqdm
     half = ctx // 2
-    nll_all = nll_half = 0.0
+    nll_all = nll_half = nll_lcpp = 0.0
     done = 0
     bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress)
     with torch.no_grad():
@@ -129,11 +134,13 @@ def perplexity(model_or_logits_fn: LogitsFn, token_ids: Any, ctx: int = 512,
                 nll = window_nll(logits[row], batch[row])
                 nll_all += float(nll.sum())
                 nll_half += float(nll[half - 1:].sum())
+                nll_lcpp += float(nll[half:].sum())
             done += batch.shape[0]
             bar.update(batch.shape[0])
             bar.set_postfix(ppl=f"{math.exp(nll_all / (done * (ctx - 1))):.3f}")
     bar.close()
-    n_all, n_half = n * (ctx - 1), n * (ctx - half)
+    n_all, n_half, n_lcpp = n * (ctx - 1), n * (ctx - half), n * (ctx - half - 1)
     return {"all_targets": math.exp(nll_all / n_all), "second_half": math.exp(nll_half / n_half),
-            "n_windows": n, "tokens_scored": n_all, "tokens_scored_second_half": n_half,
-            "ctx": ctx, "bos": bos_id is not None}
+            "llama_cpp": math.exp(nll_lcpp / n_lcpp), "n_windows": n, "tokens_scored": n_all,
+            "tokens_scored_second_half": n_half, "tokens_scored_llama_cpp": n_lcpp, "ctx": ctx,
+            "bos": bos_id is not None}

@@ -161,3 +161,13 @@ def test_driver_rejects_bad_quantize_fn(tiny_llama):
         quantize_layerwise(src, samples, lambda n, W, H: W * float("nan"), progress=False)
     with pytest.raises(InputError, match="token ids in"):
         quantize_layerwise(src, samples + 5000, lambda n, W, H: W, progress=False)
+
+
+def test_driver_reports_overflowing_activations(tiny_llama):
+    src = load_model(tiny_llama)
+    samples = torch.randint(0, 1000, (2, 8))
+
+    def qfn(name, W, H):
+        return W * 1e30 if name.endswith("0.mlp.gate_proj.weight") else W
+    with pytest.raises(NumericsError, match=r"layers\.0\.mlp\.down_proj\.weight: Hessian has NaN"):
+        quantize_layerwise(src, samples, qfn, progress=False)

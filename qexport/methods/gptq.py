@@ -32,11 +32,21 @@ Deliberate differences from IST-DASLab (each visible in stats or an error):
 - act-order + groups uses static groups (IST would need ``g_idx``), see the table;
 - act-order sorts stably (ties in ``diag(H)`` keep column order);
 - an all-zero Hessian raises NumericsError instead of zeroing the whole weight.
+
+Pluggable span fitter (LeanQuant and other loss-aware grids): ``fitter(spec, W_span, col0,
+weights) -> Grid`` replaces ``fit_minmax`` for every span (per-channel, static and dynamic
+alike). ``W_span`` is float32 ``[out, span]`` (the original W for per-channel / static spans,
+the updated W at the span's first column for dynamic ones; read-only), ``col0`` the span's first
+column in original order and ``weights`` float32 ``[span]`` the per-column loss weights
+``U_jj^-fit_p`` of the span's columns in original order (``U_jj``: the diagonal of the damped
+inverse-Hessian factor in the order the loop visits the columns; clamped to ``[0, 1e30]``; dead
+columns 0). ``static_groups=True`` is the "fit every span once, up front, from the original
+(un-permuted, dead-masked) W" option. The returned grid must already be representable.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,9 +58,30 @@ from qexport.grids import (Grid, GridSpec, concat_grids, dequantize, dequantize_
 from .hessian import fix_dead_columns, inverse_hessian_factor
 from .result import QuantResult, as_weight_tensor, check_spec_shape, hessian_objective, span_len
 
-__all__ = ["gptq_quantize", "GROUP_FIT_MODES"]
+__all__ = ["gptq_quantize", "GROUP_FIT_MODES", "SpanFitter", "loss_weights"]
 
 GROUP_FIT_MODES = ("updated", "ist")
+WEIGHT_CLAMP = 1e30
+# fitter(spec, W_span [out, span] f32, col0, weights [span] f32) -> Grid (representable)
+SpanFitter = Callable[[GridSpec, np.ndarray, int, np.ndarray], Grid]
+
+
+def loss_weights(U: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor,
+                 p: float) -> np.ndarray:
+    """Per-column loss weights ``U_jj^-p`` in original column order (float32 ``[in]``).
+
+    ``U`` is the upper factor in loop (permuted) order, ``perm`` maps loop position -> original
+    column, ``dead`` the bool ``[in]`` mask (original order) of dead columns (weight 0).
+    Computed in float64 and clamped to ``[0, 1e30]`` so large ``p`` cannot overflow.
+    """
+    d = torch.diagonal(U).double().numpy()
+    with np.errstate(over="ignore", divide="ignore"):
+        s = np.exp(-float(p) * np.log(d))
+    s = np.clip(np.nan_to_num(s, nan=0.0, posinf=WEIGHT_CLAMP), 0.0, WEIGHT_CLAMP)
+    out = np.empty_like(s)
+    out[perm.numpy() if perm is not None else np.arange(s.size)] = s
+    out[dead.numpy()] = 0.0
+    return out.astype(np.float32)
 
 
 class _Spans:
@@ -64,8 +95,10 @@ class _Spans:
     """
 
     def __init__(self, spec: GridSpec, in_f: int, perm: np.ndarray | None,
-                 fixed: list[Grid] | None) -> None:
+                 fixed: list[Grid] | None, fitter: SpanFitter | None = None,
+                 weights: np.ndarray | None = None) -> None:
         self.spec, self.in_f, self.perm = spec, in_f, perm
+        self.fitter, self.weights = fitter, weights
         self.L = span_len(spec, in_f)
         self.dynamic = fixed is None
         self.grids: list[Grid | None] = list(fixed) if fixed else [None] * (-(-in_f // self.L))
@@ -74,7 +107,9 @@ class _Spans:
         return self.dynamic and col % self.L == 0
 
     def fit(self, col: int, W_span: torch.Tensor) -> None:
-        self.grids[col // self.L] = fit_minmax(self.spec, W_span.numpy())
+        # dynamic spans only occur without act-order, so loop column == original column
+        self.grids[col // self.L] = _fit_span(self.spec, W_span.numpy(), col, self.fitter,
+                                              self.weights)
 
     def lookup(self, col: int) -> tuple[Grid, int, int]:
         """``(grid, column offset inside its span, span length)`` for permuted column ``col``."""
@@ -86,10 +121,20 @@ class _Spans:
         return concat_grids(self.grids)
 
 
-def _fit_all(spec: GridSpec, W: np.ndarray) -> list[Grid]:
+def _fit_span(spec: GridSpec, W_span: np.ndarray, col0: int, fitter: SpanFitter | None,
+              weights: np.ndarray | None) -> Grid:
+    """One span's grid: ``fit_minmax`` or the caller's fitter (given the span's weights)."""
+    if fitter is None:
+        return fit_minmax(spec, W_span)
+    return fitter(spec, W_span, col0, weights[col0:col0 + W_span.shape[1]])
+
+
+def _fit_all(spec: GridSpec, W: np.ndarray, fitter: SpanFitter | None = None,
+             weights: np.ndarray | None = None) -> list[Grid]:
     """Grids of every span of ``W [out, in]`` in original order (static groups, per-channel)."""
     L = span_len(spec, W.shape[1])
-    return [fit_minmax(spec, W[:, c:c + L]) for c in range(0, W.shape[1], L)]
+    return [_fit_span(spec, W[:, c:c + L], c, fitter, weights)
+            for c in range(0, W.shape[1], L)]
 
 
 def _span_weights(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
@@ -166,10 +211,10 @@ def _inputs(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, spec: Gr
     return Wt, Ht, Wt.numpy().copy(), Ht.clone()
 
 
-def _fixed_grids(spec: GridSpec, W: np.ndarray, actorder: bool, static_groups: bool,
-                 stats: dict[str, Any]) -> list[Grid] | None:
-    """Span grids fitted before the loop (per-channel, static groups) or None (dynamic);
-    records ``static_groups`` (and the reason when act-order forces it) in ``stats``."""
+def _fit_upfront(spec: GridSpec, actorder: bool, static_groups: bool,
+                 stats: dict[str, Any]) -> bool:
+    """Whether span grids are fitted before the loop (per-channel, static groups); records
+    ``static_groups`` (and the reason when act-order forces it) in ``stats``."""
     per_channel = spec.param_span == -1
     static = static_groups and not per_channel
     if actorder and not per_channel and not static:
@@ -178,13 +223,14 @@ def _fixed_grids(spec: GridSpec, W: np.ndarray, actorder: bool, static_groups: b
                                          "order are not contiguous groups of the original "
                                          "column order, so static groups were used")
     stats["static_groups"] = static
-    return _fit_all(spec, W) if (per_channel or static) else None
+    return per_channel or static
 
 
 def gptq_quantize(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, spec: GridSpec,
                   *, name: str = "tensor", blocksize: int = 128, percdamp: float = 0.01,
                   actorder: bool = False, static_groups: bool = False,
-                  group_fit: str = "updated", max_percdamp: float = 1.0) -> QuantResult:
+                  group_fit: str = "updated", max_percdamp: float = 1.0,
+                  fitter: SpanFitter | None = None, fit_p: float = 4.0) -> QuantResult:
     """GPTQ-quantize ``W`` onto ``spec`` (CPU, float32).
 
     Args:
@@ -199,6 +245,9 @@ def gptq_quantize(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, sp
         static_groups: fit every span's grid from the original W up front.
         group_fit: "updated" or "ist" (see the module docstring).
         max_percdamp: largest relative damp tried before the fp64 attempt.
+        fitter: span fitter replacing ``fit_minmax`` (see the module docstring); None keeps
+            GPTQ's min-max grids.
+        fit_p: exponent of the loss weights ``U_jj^-fit_p`` handed to ``fitter``.
     Returns:
         QuantResult with stats: objective ``tr((W-Q) H (W-Q)^T)``, gptq_loss, damp, percdamp,
         retries, fp64, dead_columns, actorder, static_groups (+ reason), timings.
@@ -215,7 +264,8 @@ def gptq_quantize(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, sp
                             "signal reached this tensor (expected a nonzero Hessian; use RTN)")
     stats: dict[str, Any] = {"method": "gptq", "blocksize": blocksize, "actorder": actorder,
                              "group_fit": group_fit, "dead_columns": int(dead.sum())}
-    fixed = _fixed_grids(spec, Wt.numpy(), actorder, static_groups, stats)
+    upfront = _fit_upfront(spec, actorder, static_groups, stats)
+    W0 = Wt                                   # dead-masked, original order (not modified)
     perm = None
     if actorder:
         perm = torch.argsort(torch.diagonal(Ht), descending=True, stable=True)
@@ -223,8 +273,11 @@ def gptq_quantize(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, sp
     U, hrep = inverse_hessian_factor(Ht, name=name, percdamp=percdamp,
                                      max_percdamp=max_percdamp)
     stats.update(hrep)
+    weights = loss_weights(U, perm, dead, fit_p) if fitter is not None else None
+    fixed = _fit_all(spec, W0.numpy(), fitter, weights) if upfront else None
     t1 = time.perf_counter()
-    spans = _Spans(spec, Wt.shape[1], perm.numpy() if perm is not None else None, fixed)
+    spans = _Spans(spec, Wt.shape[1], perm.numpy() if perm is not None else None, fixed,
+                   fitter, weights)
     codes, Qv, loss = _column_loop(Wt, U, spec, spans, blocksize, group_fit)
     t2 = time.perf_counter()
     if perm is not None:

@@ -202,6 +202,9 @@ class GGUFTensors:
             for f in sorted(Path(tmp).iterdir()):
                 if f.is_file():
                     files[f.name] = f.read_bytes()
-        meta = gguf_tokenizer_metadata(self.reader)
+        try:
+            meta = gguf_tokenizer_metadata(self.reader)
+        except UnicodeDecodeError as e:
+            raise InputError(f"{self.path}: tokenizer metadata is not valid UTF-8 ({e})") from e
         files[GGUF_TOKENIZER_FILE] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         return files

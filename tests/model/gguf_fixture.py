@@ -52,8 +52,9 @@ def _add_sentencepiece_vocab(w, tok_model: Path) -> None:
 
 
 def write_gguf(hf_dir: Path, out: Path, quantized: str = "Q8_0", arch: str = "llama",
-               truncate_to: int | None = None) -> Path:
-    """GGUF of ``hf_dir``: 2-D linears in ``quantized`` ("Q8_0" or "F32"), everything else F32."""
+               truncate_to: int | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """GGUF of ``hf_dir``: 2-D linears in ``quantized`` ("Q8_0" or "F32"), everything else F32;
+    ``extra`` tensors (GGUF names) are added as they are."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -72,7 +73,9 @@ def write_gguf(hf_dir: Path, out: Path, quantized: str = "Q8_0", arch: str = "ll
     w.add_rope_dimension_count(cfg["hidden_size"] // heads)
     if (hf_dir / "tokenizer.model").is_file():
         _add_sentencepiece_vocab(w, hf_dir / "tokenizer.model")
-    permuted = GGUF_ARCHES[arch][2]
+    permuted = GGUF_ARCHES.get(arch, ("", "", False))[2]
+    for gname, arr in (extra or {}).items():
+        w.add_tensor(gname, arr)
     for name in sorted(sd):
         arr = sd[name].astype(np.float32)
         if permuted and ".q_proj." in name:

@@ -186,5 +186,43 @@ def test_sample_to_hf_helper_roundtrip(tmp_path, tiny_llama_gguf):
     assert back.arch == gg.arch and set(back.tensor_names()) == set(gg.tensor_names())
     assert all(np.array_equal(back.get(n), gg.get(n)) for n in gg.tensor_names())
     assert back.tokenizer == gg.tokenizer      # incl. gguf_tokenizer.json (raw GGUF vocab)
+    # the GGUF-derived config is a valid transformers config: same logits as our forward
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qexport.model import build_causal_lm
+    ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(build_causal_lm(back.config, back.state_dict())(ids),
+                                   ref(ids).logits, atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="output exists"):
         export_hf(str(tiny_llama_gguf), out)
+
+
+def test_gguf_qwen2_biases_no_permutation(tmp_path, tiny_qwen2):
+    """qwen2 GGUFs keep HF row order (NEOX RoPE); biases and tied embeddings survive."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gguf_fixture import write_gguf
+    p = write_gguf(tiny_qwen2, tmp_path / "qwen2.gguf", "F32", arch="qwen2")
+    gg, hf = load_model(p), load_model(tiny_qwen2)
+    assert gg.arch.architecture == "Qwen2ForCausalLM" and gg.arch.attention_bias
+    assert gg.arch.tie_word_embeddings and set(gg.tensor_names()) == set(hf.tensor_names())
+    ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                               dtype=torch.float32).state_dict()
+    for n in hf.tensor_names():
+        assert np.array_equal(gg.get(n), hf.get(n)), n
+        assert np.array_equal(gg.get(n), ref[n].numpy()), n
+
+
+def test_gguf_unsupported_contents(tmp_path, tiny_llama):
+    from gguf_fixture import write_gguf
+    p = write_gguf(tiny_llama, tmp_path / "l3.gguf", "F32",
+                   extra={"rope_freqs.weight": np.ones(32, np.float32)})
+    with pytest.raises(UnsupportedError, match="rope_freqs.weight"):
+        load_model(p)
+    p = write_gguf(tiny_llama, tmp_path / "phi.gguf", "F32", arch="phi3")
+    with pytest.raises(UnsupportedError, match="architecture 'phi3'.*llama, qwen2"):
+        load_model(p)

@@ -1,0 +1,136 @@
+"""Quality / speed benchmark of the frontend methods on the sample model (DESIGN §7).
+
+For each configuration: ``qexport quantize sample:smollm2 ...`` in a subprocess (wall time and
+peak RSS measured with os.wait4), then ``qexport eval IR --text wiki.test.raw --windows 80``
+(perplexity, all targets and second half). Results are cached in ``--out/results.json`` (a
+configuration already measured is skipped unless ``--redo``) and written as a markdown table.
+
+    .venv/bin/python tools/bench_quality.py --suite foundation      # FP, RTN/GPTQ W4g128s, W3g128a
+    .venv/bin/python tools/bench_quality.py --suite methods         # + LeanQuant, TesseraQ, LoRC
+
+Calibration: 128 x 512 tokens of ../shared/data/exllamav2-cal/c4.utf8 (seed 0).
+Evaluation: first 80 windows of 512 of ../shared/data/wikitext-2-raw/wiki.test.raw.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
+CALIB = SHARED / "data" / "exllamav2-cal" / "c4.utf8"
+WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+MODEL = "sample:smollm2"
+
+COLUMNS = {
+    "W4 g128 sym": ["--bits", "4", "--group-size", "128", "--sym"],
+    "W3 g128 asym": ["--bits", "3", "--group-size", "128", "--asym"],
+    "W2 g64 asym": ["--bits", "2", "--group-size", "64", "--asym"],
+    "GGUF Q4_0": ["--to", "gguf", "--type", "Q4_0", "--pure"],
+    "GGUF IQ4_NL": ["--to", "gguf", "--type", "IQ4_NL", "--pure"],
+    "GGUF Q3_K (fallbacks)": ["--to", "gguf", "--type", "Q3_K_S", "--pure"],
+}
+SUITES = {
+    "foundation": [("rtn", c) for c in ("W4 g128 sym", "W3 g128 asym")]
+    + [("gptq", c) for c in ("W4 g128 sym", "W3 g128 asym")],
+}
+
+
+def _run(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run ``cmd``; return (exit code, wall seconds, peak RSS in MiB of that process)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, ru = os.wait4(p.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.time() - t0, ru.ru_maxrss / 1024
+
+
+def _qexport(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qexport.cli", *args]
+
+
+def _eval(target: str, out: Path, key: str) -> dict:
+    log = out / f"{key}.eval.log"
+    js = out / f"{key}.eval.json"
+    rc, wall, rss = _run(_qexport("eval", target, "--text", str(WIKI), "--windows", "80",
+                                  "--json", "--quiet"), log)
+    if rc != 0:
+        raise SystemExit(f"eval of {target} failed (exit {rc}); see {log}")
+    text = log.read_text()
+    res = json.loads(text[text.index("{"):])
+    js.write_text(json.dumps(res, indent=1))
+    return {"ppl_all": res["all_targets"], "ppl_second_half": res["second_half"],
+            "eval_seconds": round(wall, 1)}
+
+
+def measure(method: str, column: str, out: Path, extra: list[str]) -> dict:
+    key = f"{method}__{column}".replace(" ", "_").replace("(", "").replace(")", "")
+    ir = out / f"{key}.qir"
+    cmd = _qexport("quantize", MODEL, "--method", method, *COLUMNS[column], *extra,
+                   "--calib", str(CALIB), "--n-samples", "128", "--seq-len", "512",
+                   "-o", str(ir), "--force", "--quiet")
+    rc, wall, rss = _run(cmd, out / f"{key}.quantize.log")
+    if rc != 0:
+        return {"error": f"quantize exit {rc}: {(out / f'{key}.quantize.log').read_text()[-300:]}"}
+    man = json.loads((ir / "manifest.json").read_text())
+    from qexport.inspect_cmd import ir_rows
+    _, totals = ir_rows(ir)
+    res = {"method": method, "column": column, "quantize_seconds": round(wall, 1),
+           "peak_rss_mib": round(rss), "bpw": totals["bpw_quantized"],
+           "provenance_seconds": man["provenance"].get("seconds")}
+    res.update(_eval(str(ir), out, key))
+    return res
+
+
+def table(results: dict) -> str:
+    rows = ["| method | grid | bits/weight | PPL all | PPL 2nd half | quantize s | peak RSS MiB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    fp = results.get("fp")
+    if fp:
+        rows.append(f"| FP (dequantized Q4_1 source) | – | 32 | {fp['ppl_all']:.3f} | "
+                    f"{fp['ppl_second_half']:.3f} | – | – |")
+    for k, r in results.items():
+        if k == "fp" or "error" in r:
+            continue
+        rows.append(f"| {r['method']} | {r['column']} | {r['bpw']:.3f} | {r['ppl_all']:.3f} | "
+                    f"{r['ppl_second_half']:.3f} | {r['quantize_seconds']:.0f} | "
+                    f"{r['peak_rss_mib']} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", default="foundation", choices=sorted(SUITES))
+    ap.add_argument("--out", default=str(REPO / ".cache" / "bench_quality"))
+    ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--only", default=None, help="substring filter on method__column")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rf = out / "results.json"
+    results = json.loads(rf.read_text()) if rf.is_file() else {}
+    if "fp" not in results or a.redo:
+        results["fp"] = _eval(MODEL, out, "fp")
+        rf.write_text(json.dumps(results, indent=1))
+    for method, column in SUITES[a.suite]:
+        key = f"{method}|{column}"
+        if a.only and a.only not in key:
+            continue
+        if key in results and not a.redo and "error" not in results[key]:
+            continue
+        print(f"== {key}", flush=True)
+        results[key] = measure(method, column, out, [])
+        rf.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results[key]), flush=True)
+    md = table(results)
+    (out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
