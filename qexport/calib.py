@@ -187,10 +187,30 @@ def _run_layer(layer: Any, h: torch.Tensor, i: int, rope: Any, quantize_fn: Quan
                       quantize_fn, bs, cache_bytes, stats)
 
 
+def _initial_hidden(model: Any, samples: torch.Tensor, start_layer: int,
+                    hidden: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings of ``samples`` (fresh run) or the saved ``hidden`` (resume), float32
+    ``[N, T, hidden]``."""
+    a = model.arch
+    if start_layer == 0 and hidden is None:
+        emb = torch.from_numpy(model.get("model.embed_tokens.weight"))
+        return torch.nn.functional.embedding(samples.long(), emb)
+    want = (int(samples.shape[0]), int(samples.shape[1]), int(a.hidden))
+    if not 0 <= start_layer <= a.n_layers or hidden is None \
+            or tuple(hidden.shape) != want or hidden.dtype != torch.float32:
+        got = None if hidden is None else f"{hidden.dtype} {list(hidden.shape)}"
+        raise InputError(f"resume at layer {start_layer}: expected saved hidden states float32 "
+                         f"{list(want)} and a layer in [0, {a.n_layers}] (not {got})")
+    return hidden.clone()
+
+
 def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeFn, *,
                        progress: bool = True, on_layer_done: Callable[[int], None] | None = None,
                        batch_size: int = 8, threads: int | None = 2,
-                       cache_bytes: int = 1 << 30) -> dict[str, Any]:
+                       cache_bytes: int = 1 << 30, start_layer: int = 0,
+                       hidden: torch.Tensor | None = None,
+                       on_layer_state: Callable[[int, torch.Tensor], None] | None = None
+                       ) -> dict[str, Any]:
     """Run GPTQ-style sequential calibration over ``model`` (a SourceModel).
 
     Args:
@@ -202,6 +222,11 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
         batch_size: sequences per forward / Hessian update.
         threads: torch intra-op threads during the run (restored afterwards); None leaves it.
         cache_bytes: largest group input kept in memory instead of being recomputed.
+        start_layer, hidden: resume (qexport.checkpoint): skip layers ``< start_layer`` and start
+            from ``hidden``, float32 ``[N, T, hidden]``, the residual stream entering
+            ``start_layer`` as saved by an earlier run (required when ``start_layer > 0``).
+        on_layer_state: called with ``(i, h)`` after layer ``i``; ``h`` is the residual stream
+            entering layer ``i + 1`` (not to be modified).
 
     Returns:
         ``{"layers", "n_samples", "seq_len", "seconds", "seconds_forward", "seconds_hessian",
@@ -223,14 +248,15 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
     stats, t_start = _Stats(), time.perf_counter()
     try:
         with torch.no_grad():
-            emb = torch.from_numpy(model.get("model.embed_tokens.weight"))
-            h = torch.nn.functional.embedding(samples.long(), emb)
-            del emb
+            h = _initial_hidden(model, samples, start_layer, hidden)
             rope = Rotary(a)(samples.shape[1])
-            for i in tqdm(range(a.n_layers), desc="calibrate", unit="layer", disable=not progress):
+            for i in tqdm(range(start_layer, a.n_layers), desc="calibrate", unit="layer",
+                          disable=not progress, initial=start_layer, total=a.n_layers):
                 layer = DecoderLayer(model.layer_weights(i), a, i)
                 _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats)
                 del layer
+                if on_layer_state is not None:
+                    on_layer_state(i, h)
                 if on_layer_done is not None:
                     on_layer_done(i)
     finally:

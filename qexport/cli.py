@@ -1,16 +1,18 @@
-"""qexport command line: quantize, export, convert, verify, inspect, eval.
+"""qexport command line: quantize, export, convert, verify, inspect, report, eval.
 
 Every QExportError becomes one line on stderr and exit code 2 (nothing written);
 ``verify`` exits 1 when an artifact does not match its IR.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -19,23 +21,64 @@ from qexport.errors import GridError, QExportError
 EXIT_BAD_INPUT = 2
 
 
-def _sigterm(signum: int, frame: Any) -> None:
+_SIGNALLED: list[int] = []        # signals received during the current command
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM: remember it and raise KeyboardInterrupt. A library that catches the
+    KeyboardInterrupt and raises something else instead still ends as an interrupt (exit 130)."""
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
 
 
+def _install_handlers() -> dict[int, Any]:
+    """Route SIGINT/SIGTERM to :func:`_on_signal` (not where ignored, nor outside the main
+    thread); returns the previous handlers."""
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                old[s] = signal.signal(s, _on_signal)
+        except ValueError:              # not the main thread
+            pass
+    return old
+
+
+def _os_error_line(e: OSError, output: str | None) -> str:
+    """One line for an OSError; a full disk names the artifact being written."""
+    if e.errno == errno.ENOSPC:
+        return f"disk full while writing {output or e.filename or 'the output'}"
+    where = e.filename or output or ""
+    return f"{where}: {e.strerror or e}" if where else str(e.strerror or e)
+
+
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn qexport errors and Ctrl-C into one clean line and a non-zero exit."""
+    """Turn qexport errors, OS errors and Ctrl-C into one clean line and a non-zero exit."""
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
-        signal.signal(signal.SIGTERM, _sigterm)
+        _SIGNALLED.clear()
+        old = _install_handlers()
         try:
             return fn(*a, **kw)
-        except (QExportError, GridError) as e:
-            click.echo(f"error: {e}", err=True)
+        except BaseException as e:  # noqa: BLE001 -- mapped to one line below, else re-raised
+            if isinstance(e, SystemExit):
+                raise
+            if isinstance(e, KeyboardInterrupt) or _SIGNALLED:
+                click.echo("interrupted: no artifact written", err=True)
+                sys.exit(130)
+            if isinstance(e, (QExportError, GridError)):
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            elif isinstance(e, OSError):
+                msg = _os_error_line(e, kw.get("output"))
+            elif isinstance(e, MemoryError):
+                msg = "out of memory"
+            else:
+                raise
+            click.echo(f"error: {msg}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no artifact written", err=True)
-            sys.exit(130)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
     return wrapper
 
 
@@ -63,7 +106,10 @@ def main() -> None:
 def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--method", default="gptq", show_default=True,
-                     help="rtn | gptq (see README for the others as they land)."),
+                     type=click.Choice(["rtn", "gptq", "leanquant", "leanquant-nu"]),
+                     help="rtn: round to nearest (llama.cpp's quantizers on GGUF grids); "
+                          "gptq; leanquant: loss-error-aware grids + GPTQ; leanquant-nu: "
+                          "learned per-row codebooks (IR only)."),
         click.option("--to", "target", default="ir", show_default=True,
                      type=click.Choice(["ir", "gguf", "onnx", "vllm"]),
                      help="Target whose grid the codes must lie on."),
@@ -84,8 +130,11 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--n-samples", default=128, show_default=True, type=int),
         click.option("--seq-len", default=512, show_default=True, type=int),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--damp", default=0.01, show_default=True, type=float,
-                     help="Hessian dampening, fraction of mean(diag H)."),
+        click.option("--damp", default=None, type=float,
+                     help="Hessian dampening, fraction of mean(diag H) "
+                          "[default: gptq 0.01, leanquant 0.1]."),
+        click.option("--p", "p", default=None, type=float,
+                     help="LeanQuant exponent of U_jj^-p [default: leanquant 2, leanquant-nu 4]."),
         click.option("--block-size", default=128, show_default=True, type=int,
                      help="GPTQ lazy-update block."),
         click.option("--act-order", is_flag=True, help="GPTQ: columns by descending diag(H)."),
@@ -93,6 +142,9 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lorc-rank", default=0, show_default=True, type=int,
                      help="Add LoRC low-rank residual factors of this rank."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from its last finished layer "
+                          "(checkpoints in OUTPUT.partial/; same settings required)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for o in reversed(opts):
@@ -100,9 +152,34 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _build_ir(model_src: str, kw: dict[str, Any]):
+def _build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None):
     from qexport.commands import build_ir
-    return build_ir(model_src, kw)
+    return build_ir(model_src, kw, checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def _checkpointed(output: str, kw: dict[str, Any], *extra_outputs: str | None) -> Iterator[Any]:
+    """Refuse existing outputs up front, and give the run a per-layer checkpoint beside
+    ``output``: removed on success and on bad-input errors, kept (when it holds finished
+    layers) on an interrupt or an OS error such as a full disk, for ``--resume``."""
+    from qexport.atomic import check_output_path
+    from qexport.checkpoint import Checkpoint
+    for p in (output, *extra_outputs):
+        if p:
+            check_output_path(Path(p), kw["force"])
+    ck = Checkpoint(output, resume=kw["resume"])
+    try:
+        yield ck
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt) or bool(_SIGNALLED)
+        if isinstance(e, (QExportError, GridError)) and not interrupted:
+            ck.finish()                  # bad input: a resume would fail the same way
+        done = ck.discard_if_empty()
+        if done and interrupted:
+            click.echo(f"note: {done} finished layers kept in {ck.dir}; rerun with --resume "
+                       "to continue", err=True)
+        raise
+    ck.finish()
 
 
 @main.command()
@@ -113,8 +190,9 @@ def _build_ir(model_src: str, kw: dict[str, Any]):
 def quantize(model: str, output: str, **kw: Any) -> None:
     """Quantize MODEL into an IR folder (.qir) on a target's grid."""
     from qexport.irio import save_ir
-    qm = _build_ir(model, kw)
-    save_ir(qm, output, force=kw["force"])
+    with _checkpointed(output, kw) as ck:
+        qm = _build_ir(model, kw, ck)
+        save_ir(qm, output, force=kw["force"])
     s = qm.bits_summary()
     click.echo(f"wrote {output}: {len(qm.tensors)} quantized tensors, {s['bpw']:.3f} bits/weight")
 
@@ -154,11 +232,13 @@ def convert(model: str, output: str, save_ir: str | None, dtype: str | None,
     from qexport.lowering import lower
     if kw["target"] == "ir":
         raise click.UsageError("convert needs --to gguf|onnx|vllm (use quantize for an IR)")
-    qm = _build_ir(model, kw)
-    if save_ir:
-        _save(qm, save_ir, force=kw["force"])
-    for p in lower(qm, kw["target"], output, force=kw["force"], fmt=kw["fmt"], dtype=dtype,
-                   accuracy_level=accuracy_level):
+    with _checkpointed(output, kw, save_ir) as ck:
+        qm = _build_ir(model, kw, ck)
+        if save_ir:
+            _save(qm, save_ir, force=kw["force"])
+        paths = lower(qm, kw["target"], output, force=kw["force"], fmt=kw["fmt"], dtype=dtype,
+                      accuracy_level=accuracy_level)
+    for p in paths:
         click.echo(f"wrote {p}")
 
 
@@ -185,6 +265,28 @@ def inspect(path: str, as_json: bool) -> None:
     """Per-tensor format, shape and bits per weight of an IR folder or a GGUF file."""
     from qexport.inspect_cmd import inspect_path
     inspect_path(Path(path), as_json)
+
+
+@main.command()
+@click.argument("ir", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Folder for report.md and the plots.")
+@click.option("--source", default=None,
+              help="The source model, for per-tensor relative error ||W-Q||/||W||.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
+@click.option("--force", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_guard
+def report(ir: str, output: str, source: str | None, as_json: bool, force: bool,
+           quiet: bool) -> None:
+    """Write OUTPUT/report.md and OUTPUT/report.png: method, settings, calibration,
+    per-layer error and bits per weight of an IR folder."""
+    from qexport.report import write_report
+    res = write_report(ir, output, source=source, force=force, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=1, default=str))
+    else:
+        click.echo(f"wrote {Path(output) / 'report.md'}")
 
 
 @main.command(name="eval")

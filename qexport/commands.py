@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from qexport.errors import InputError
+from qexport.errors import InputError, UnsupportedError
 from qexport.ir import QModel
 from qexport.pipeline import QuantizeOptions, quantize_model
-from qexport.specs import (TensorPlan, linear_names, plan_gguf, plan_uniform, resolve_spec,
+from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, plan_uniform, resolve_spec,
                            target_spec)
 
 __all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes"]
@@ -55,6 +55,13 @@ def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dic
     """Per-tensor GridSpecs from the CLI options, and the recipe summary to record."""
     names = linear_names(int(src.arch.n_layers))
     target = kw.get("target", "ir")
+    if kw.get("method") == "leanquant-nu" and not kw.get("grid"):
+        if target != "ir":
+            raise UnsupportedError(f"--method leanquant-nu learns free per-row codebooks, which "
+                                   f"--to {target} cannot hold; use --to ir, or --method "
+                                   "leanquant (affine / k-quant / IQ4_NL grids) for a runtime")
+        spec = codebook_spec(kw["bits"])
+        return plan_uniform(names, spec), {"name": spec.name, "target": target}
     if kw.get("grid"):
         spec = resolve_spec(kw["grid"])
         return plan_uniform(names, spec), {"name": spec.name, "target": target}
@@ -69,8 +76,9 @@ def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dic
     return plan_uniform(names, spec), {"name": spec.name, "target": target}
 
 
-def build_ir(model_src: str, kw: dict[str, Any]) -> QModel:
-    """Load ``model_src``, plan per-tensor grids from CLI-style options, quantize."""
+def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None) -> QModel:
+    """Load ``model_src``, plan per-tensor grids from CLI-style options, quantize
+    (``checkpoint``: see :func:`qexport.pipeline.quantize_model`)."""
     from qexport.model.load import load_model
     src = load_model(model_src)
     plan, recipe = build_plan(src, kw)
@@ -79,7 +87,7 @@ def build_ir(model_src: str, kw: dict[str, Any]) -> QModel:
     opts = QuantizeOptions(**{mapping.get(k, k): v for k, v in kw.items()
                               if mapping.get(k, k) in fields})
     opts.progress = not kw.get("quiet", False)
-    qm = quantize_model(src, plan, opts)
+    qm = quantize_model(src, plan, opts, checkpoint=checkpoint)
     qm.recipe.update(recipe)
     return qm
 

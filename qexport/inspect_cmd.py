@@ -17,8 +17,9 @@ def ir_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from qexport.irio import load_ir
     from qexport.specs import describe
     qm = load_ir(path)
-    notes = {n: (v or {}).get("reason", "") for n, v in
-             (qm.recipe.get("tensors") or {}).items()}
+    plan = qm.recipe.get("tensors")
+    notes = {n: str(v.get("reason", "")) for n, v in plan.items()
+             if isinstance(v, dict)} if isinstance(plan, dict) else {}
     rows = []
     for name in sorted(qm.tensors, key=_layer_key):
         qt = qm.tensors[name]

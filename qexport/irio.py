@@ -156,14 +156,26 @@ def _load_tensor(name: str, meta: Any, specs: dict[str, GridSpec],
 
 
 def load_ir(path: str | os.PathLike) -> QModel:
-    """Read and fully validate an IR folder."""
+    """Read and fully validate an IR folder (IRError, one line, for anything malformed)."""
     path = Path(path)
+    try:
+        return _load_ir(path)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        # a manifest value of the wrong JSON type somewhere the checks above do not look
+        raise IRError(f"{path}: malformed IR ({type(e).__name__}: {e})") from e
+
+
+def _load_ir(path: Path) -> QModel:
     man = _read_manifest(path)
     try:
         specs = {k: GridSpec.from_dict(v, f"specs.{k}") for k, v in
                  _need(man, "specs", dict, "manifest").items()}
     except (GridError, TypeError) as e:
         raise IRError(f"{path}/manifest.json: {e}") from e
+    for k, spec in specs.items():
+        if spec.name != k:
+            raise IRError(f"{path}/manifest.json: specs.{k}.name expected {k!r} "
+                          f"(not {spec.name!r})")
     arrays = _load_arrays(path)
     tensors = {n: _load_tensor(n, m, specs, arrays)
                for n, m in _need(man, "tensors", dict, "manifest").items()}

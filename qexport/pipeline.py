@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -21,8 +20,10 @@ from qexport.specs import TensorPlan, linear_names
 
 __all__ = ["QuantizeOptions", "METHODS", "quantize_model"]
 
-METHODS = ("rtn", "gptq")
-CALIBRATED = {"gptq"}
+METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu")
+CALIBRATED = {"gptq", "leanquant", "leanquant-nu"}
+#: Hessian dampening (fraction of mean diag H) when --damp is not given: the reference codes'
+DEFAULT_PERCDAMP = {"gptq": 0.01, "leanquant": 0.1, "leanquant-nu": 0.1}
 
 
 @dataclass
@@ -35,7 +36,8 @@ class QuantizeOptions:
     seq_len: int = 512
     seed: int = 0
     blocksize: int = 128
-    percdamp: float = 0.01
+    percdamp: float | None = None          # None: the method's default (DEFAULT_PERCDAMP)
+    p: float | None = None                 # LeanQuant exponent (aff default 2, nu default 4)
     act_order: bool = False
     static_groups: bool = False
     lorc_rank: int = 0
@@ -76,11 +78,42 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int) -> None:
     qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank)
 
 
+def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
+    """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``."""
+    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
+    common = {"blocksize": opts.blocksize, "percdamp": damp}
+    if opts.method == "gptq":
+        from qexport.methods.gptq import gptq_quantize
+        return lambda W, H, spec, name: gptq_quantize(
+            W, H, spec, name=name, actorder=opts.act_order, static_groups=opts.static_groups,
+            **common)
+    from qexport.methods.leanquant import leanquant_aff_quantize, leanquant_nu_quantize
+    if opts.method == "leanquant":
+        return lambda W, H, spec, name: leanquant_aff_quantize(
+            W, H, spec, name=name, p=2.0 if opts.p is None else opts.p,
+            actorder=opts.act_order, static_groups=opts.static_groups, **common)
+    # LeanQuant-nu: act-order is the reference default and codebooks are static per row
+    return lambda W, H, spec, name: leanquant_nu_quantize(
+        W, H, spec, name=name, p=4.0 if opts.p is None else opts.p, actorder=True,
+        seed=opts.seed, **common)
+
+
+def _untimed(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` without wall-clock entries (``seconds*``), so that the IR is deterministic."""
+    return {k: v for k, v in stats.items() if not str(k).startswith("seconds")}
+
+
 def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
-                   *, on_tensor: Callable[[str, QTensor], None] | None = None) -> QModel:
-    """Quantize every tensor of ``plan`` (HF names) from ``src`` (a qexport.model SourceModel)."""
+                   *, on_tensor: Callable[[str, QTensor], None] | None = None,
+                   checkpoint: Any = None) -> QModel:
+    """Quantize every tensor of ``plan`` (HF names) from ``src`` (a qexport.model SourceModel).
+
+    ``checkpoint``: a :class:`qexport.checkpoint.Checkpoint`; calibrated methods then save every
+    finished decoder layer to it and, when it holds an interrupted run with the same settings,
+    restore the finished layers and continue from the next one (same result, same bytes).
+    Wall-clock timings are left out of the IR (stats and provenance) to keep it deterministic.
+    """
     opts.check()
-    t0 = time.time()
     n_layers = int(src.arch.n_layers)
     linears = [n for n in linear_names(n_layers) if n in plan]
     tensors: dict[str, QTensor] = {}
@@ -90,6 +123,7 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
     def finish(name: str, qt: QTensor, W: np.ndarray) -> QTensor:
         if opts.lorc_rank > 0:
             _add_lorc(qt, W, opts.lorc_rank)
+        qt.stats = _untimed(qt.stats)
         tensors[name] = qt
         if on_tensor is not None:
             on_tensor(name, qt)
@@ -99,7 +133,7 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
         import torch
 
         from qexport.calib import load_calibration, quantize_layerwise
-        from qexport.methods.gptq import gptq_quantize
+        layer_quantizer = _layer_quantizer(opts)
         samples, calib_info = load_calibration(opts.calib, src.tokenizer, n_samples=opts.n_samples,
                                                seq_len=opts.seq_len, seed=opts.seed)
 
@@ -108,13 +142,23 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                 return W
             Wn = W.detach().cpu().numpy().astype(np.float32)
             _check_finite(name, Wn)
-            res = gptq_quantize(Wn, H, plan[name].spec, name=name, blocksize=opts.blocksize,
-                                percdamp=opts.percdamp, actorder=opts.act_order,
-                                static_groups=opts.static_groups)
+            res = layer_quantizer(Wn, H, plan[name].spec, name)
             qt = finish(name, res.to_qtensor(name), Wn)
             return torch.from_numpy(qt.dequantize())
 
-        quantize_layerwise(src, samples, quantize_fn, progress=opts.progress)
+        # --- resume hooks (checkpoint.py): restore finished layers, save each new one ---
+        start, hidden, on_state = 0, None, None
+        if checkpoint is not None:
+            from qexport.checkpoint import run_settings
+            start, hidden, restored = checkpoint.begin(run_settings(src, plan, opts, calib_info))
+            tensors.update(restored)
+
+            def on_state(i: int, h: "torch.Tensor") -> None:
+                prefix = f"model.layers.{i}."
+                checkpoint.save_layer(i, {n: qt for n, qt in tensors.items()
+                                          if n.startswith(prefix)}, h)
+        quantize_layerwise(src, samples, quantize_fn, progress=opts.progress,
+                           start_layer=start, hidden=hidden, on_layer_state=on_state)
     else:
         from tqdm import tqdm
         for name in tqdm(linears, desc="rtn", disable=not opts.progress, unit="tensor"):
@@ -130,8 +174,7 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                    for n in src.tensor_names() if n not in tensors}
     prov = {"method": opts.method, "options": {k: v for k, v in asdict(opts).items()
                                                if k not in ("progress",)},
-            "calibration": calib_info, "seconds": round(time.time() - t0, 1),
-            "source": getattr(src, "source", ""), "host": platform.machine()}
+            "calibration": calib_info, "source": getattr(src, "source", ""), "host": platform.machine()}
     recipe = {"tensors": {n: p.to_dict() for n, p in plan.items()}}
     return QModel(config=dict(src.config), tensors=tensors, passthrough=passthrough,
                   tokenizer=dict(src.tokenizer), recipe=recipe, provenance=prov)

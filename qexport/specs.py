@@ -40,6 +40,9 @@ _AFFINE_RE = re.compile(r"^affine-w(\d)g(-?\d+)([sa])$")
 
 def resolve_spec(name: str) -> GridSpec:
     """A GridSpec by registry name: ``affine-w4g128s``, ``gguf-q4_k``, ``mnb-...``, ``ct-...``."""
+    m = re.match(r"^codebook-w(\d)(row|g\d+)$", name)
+    if m:
+        return codebook_spec(int(m.group(1)), -1 if m.group(2) == "row" else int(m.group(2)[1:]))
     m = _AFFINE_RE.match(name)
     if m:
         return GridSpec.affine(int(m.group(1)), int(m.group(2)), m.group(3) == "s")
@@ -68,6 +71,14 @@ def target_spec(target: str, bits: int, group_size: int, sym: bool, *,
     raise UnsupportedError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
 
 
+def codebook_spec(bits: int, group_size: int = -1) -> GridSpec:
+    """Free non-uniform codebook (LeanQuant-nu): 2**bits fp16 values per row (or group)."""
+    from qexport.grids import GridKind
+    g = "row" if group_size == -1 else f"g{group_size}"
+    return GridSpec(name=f"codebook-w{bits}{g}", kind=GridKind.CODEBOOK, bits=bits,
+                    group_size=group_size, free_codebook=True)
+
+
 def plan_uniform(names: list[str], spec: GridSpec) -> dict[str, TensorPlan]:
     return {n: TensorPlan(spec, "") for n in names}
 
@@ -88,5 +99,8 @@ def describe(spec: GridSpec) -> str:
     """Short human label: ``Q4_K``-style for GGUF specs, else w<bits>g<group><s|a>."""
     if spec.name.startswith("gguf-"):
         return spec.name[5:].upper()
+    if spec.free_codebook:
+        return f"codebook w{spec.bits} " + ("per-row LUT" if spec.group_size == -1
+                                             else f"g{spec.group_size} LUT")
     z = {ZeroDomain.NONE: "sym", ZeroDomain.INT: "asym", ZeroDomain.FLOAT: "fmin"}[spec.zero]
     return f"{spec.kind.value} w{spec.bits} g{spec.group_size} {z}"

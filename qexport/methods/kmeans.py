@@ -11,7 +11,8 @@ same thing for a whole ``[rows, n]`` batch in torch float64, using that the data
 |             |                                            | (``searchsorted``)                |
 | M-step      | weighted mean per cluster                  | prefix sums of ``w`` and ``w x``  |
 | empty       | move to the points farthest from their     | same, farthest first (points of   |
-| cluster     | centers (``argpartition`` order)           | weight 0 are never chosen)        |
+| cluster     | centers (``argpartition`` order); if none  | weight 0 are never chosen); then  |
+|             | is left, copy the heaviest cluster's center| the heaviest cluster's center     |
 | stop        | labels unchanged, or ``sum(shift^2) <=     | same, per row (``tol`` scaled by  |
 |             | tol * mean(var(X))``; at most max_iter     | the row's unweighted variance)    |
 
@@ -20,7 +21,7 @@ Centers are kept sorted ascending (in 1-D, Lloyd steps preserve their order). ``
 ``"kmeans++"`` (sklearn's greedy weighted k-means++ with ``2 + floor(ln k)`` local trials,
 seeded; LeanQuant's choice at 4+ bits; the random stream differs from sklearn's) or an explicit
 ``[rows, k]`` array. :func:`optimal_kmeans_1d` is the exact weighted optimum by dynamic
-programming (LeanQuant issue #1), O(k n^2) per row.
+programming (LeanQuant issue #1), O(k n^2) per row (slow: an experiment option).
 """
 from __future__ import annotations
 
@@ -57,31 +58,33 @@ def uniform_init(xs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kmeanspp_init(xs: torch.Tensor, ws: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """Greedy weighted k-means++ (sklearn's algorithm) on sorted rows; float64 ``[rows, k]``."""
+    """Greedy weighted k-means++ (sklearn's algorithm) on sorted rows; float64 ``[rows, k]``.
+
+    Distances are computed in float32 (an initialisation only needs to be good, not exact).
+    """
     gen = torch.Generator().manual_seed(int(seed))
     rows, n = xs.shape
     ws = torch.where(ws.sum(1, keepdim=True) > 0, ws, torch.ones_like(ws))
+    x32, w32 = xs.float(), ws.float()
     trials = 2 + int(math.log(k))
     idx = _sample(torch.cumsum(ws, 1), torch.rand(rows, 1, generator=gen, dtype=torch.float64))
     centers = [xs.gather(1, idx)]
-    closest = (xs - centers[0]) ** 2
+    closest = (x32 - x32.gather(1, idx)) ** 2
     for _ in range(1, k):
-        pot = (ws * closest).sum(1, keepdim=True)
-        cand = _sample(torch.cumsum(ws * closest, 1),
-                       torch.rand(rows, trials, generator=gen, dtype=torch.float64), pot)
-        cx = xs.gather(1, cand)                                   # [rows, trials]
-        dist = torch.minimum(closest[:, None, :], (xs[:, None, :] - cx[:, :, None]) ** 2)
-        best = torch.argmin((dist * ws[:, None, :]).sum(2), dim=1)
+        cum = torch.cumsum((w32 * closest).double(), 1)
+        cand = _sample(cum, torch.rand(rows, trials, generator=gen, dtype=torch.float64))
+        dist = x32[:, None, :] - x32.gather(1, cand)[:, :, None]      # [rows, trials, n]
+        dist.square_()
+        torch.minimum(dist, closest[:, None, :], out=dist)
+        best = torch.argmin(torch.bmm(dist, w32[:, :, None])[..., 0], dim=1)
         closest = dist[torch.arange(rows), best]
-        centers.append(cx.gather(1, best[:, None]))
+        centers.append(xs.gather(1, cand.gather(1, best[:, None])))
     return torch.sort(torch.cat(centers, 1), dim=1).values
 
 
-def _sample(cum: torch.Tensor, u: torch.Tensor, scale: torch.Tensor | None = None
-            ) -> torch.Tensor:
+def _sample(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Indices drawn with probability proportional to the increments of ``cum``."""
-    total = cum[:, -1:] if scale is None else scale
-    idx = torch.searchsorted(cum, (u * total).contiguous())
+    idx = torch.searchsorted(cum, (u * cum[:, -1:]).contiguous())
     return idx.clamp_(max=cum.shape[1] - 1)
 
 
@@ -159,6 +162,8 @@ def weighted_kmeans_1d(x: np.ndarray, w: np.ndarray, k: int, *,
         if need.numel():
             _relocate(xs, ws, c, b, Wk, Sk, need)
         c_new = torch.where(Wk > 0, Sk / torch.where(Wk > 0, Wk, 1.0), 0.0)
+        heavy = c_new.gather(1, torch.argmax(Wk, dim=1, keepdim=True))
+        c_new = torch.where(Wk > 0, c_new, heavy)          # still empty: the heaviest center
         shift = ((c_new - c) ** 2).sum(1)
         done = (b == prev).all(1) | (shift <= tol_abs)
         c = torch.where(active[:, None], torch.sort(c_new, dim=1).values, c)
@@ -171,16 +176,21 @@ def weighted_kmeans_1d(x: np.ndarray, w: np.ndarray, k: int, *,
     return (c + mean).numpy(), info
 
 
-def optimal_kmeans_1d(x: np.ndarray, w: np.ndarray, k: int, chunk: int = 64) -> np.ndarray:
+def optimal_kmeans_1d(x: np.ndarray, w: np.ndarray, k: int,
+                      max_elements: int = 1 << 22) -> np.ndarray:
     """Exact weighted 1-D k-means per row (dynamic programming over the sorted row).
 
     ``D[m][j] = min_i D[m-1][i] + cost(i, j)`` with ``cost`` the weighted squared deviation
-    of sorted points ``i..j-1`` from their weighted mean (prefix sums), float64, ``chunk`` rows
-    at a time (O(k n^2) time, O(chunk n^2) memory). Returns float64 ``[rows, k]`` sorted
-    centers; clusters that cannot be filled (fewer distinct points than k) repeat a value.
+    of sorted points ``i..j-1`` from their weighted mean (prefix sums), float64, as many rows
+    at a time as fit ``max_elements`` entries of an ``[rows, n+1, n+1]`` table. O(k n^2) per
+    row: slow (about 40-55 s of one core for 1536 rows x 576 at 3-4 bits), an experiment
+    option. Returns float64 ``[rows, k]`` sorted centers (needs ``n >= k``).
     """
     xt, wt = _as_batch(x, w)
     rows, n = xt.shape
+    if n < k:
+        raise InputError(f"optimal k-means needs at least k={k} points per row (not {n})")
+    chunk = max(1, max_elements // ((n + 1) ** 2))
     mean = xt.mean(1, keepdim=True)
     xs, order = torch.sort(xt - mean, dim=1)
     ws = wt.gather(1, order)

@@ -132,9 +132,11 @@ def gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
 
 
 def _open_reader(path: str) -> Any:
-    import gguf
+    from qexport.backends.gguf.reader import open_gguf
     try:
-        return gguf.GGUFReader(path, "r")
+        return open_gguf(path)      # every size, offset and name checked against the file
+    except InputError:
+        raise
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
         raise InputError(f"{path}: not a readable GGUF file, truncated or corrupt "
                          f"({type(e).__name__}: {e})") from e
@@ -152,12 +154,16 @@ class GGUFTensors:
             if hf in self._by_hf:
                 raise InputError(f"{self.path}: duplicate tensor {t.name}")
             self._by_hf[hf] = t
-        arch = _field(self.reader, "general.architecture")
         emb = self._by_hf.get("model.embed_tokens.weight")
         if emb is None:
             raise InputError(f"{self.path}: no token_embd.weight tensor")
-        self.config = gguf_config(self.reader, self.path, "lm_head.weight" in self._by_hf,
-                                  int(emb.shape[-1]))
+        try:
+            arch = _field(self.reader, "general.architecture")
+            self.config = gguf_config(self.reader, self.path, "lm_head.weight" in self._by_hf,
+                                      int(emb.shape[-1]))
+        except (ValueError, TypeError, ZeroDivisionError, UnicodeDecodeError, IndexError) as e:
+            raise InputError(f"{self.path}: GGUF metadata unusable ({type(e).__name__}: "
+                             f"{e})") from e
         self._permuted = GGUF_ARCHES[arch][2]
 
     def names(self) -> list[str]:

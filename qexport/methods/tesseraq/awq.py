@@ -191,7 +191,9 @@ def _token_subset(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def awq_block(layer_factory: Callable[[dict[str, torch.Tensor]], Any],
               weights: dict[str, torch.Tensor], specs: dict[str, GridSpec], h: torch.Tensor,
-              rope: Any, arch: Any, cfg: AwqConfig) -> tuple[dict[str, torch.Tensor], dict]:
+              rope: Any, arch: Any, cfg: AwqConfig,
+              folded_out: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict]:
     """AWQ scales (searched, then folded) and auto-clip for one block.
 
     Args:
@@ -200,6 +202,8 @@ def awq_block(layer_factory: Callable[[dict[str, torch.Tensor]], Any],
         specs: target GridSpec by relative module name (``self_attn.q_proj``) for each linear
             that is quantized; others stay FP and are never changed.
         h: float32 ``[n, T, hidden]`` block inputs used for the statistics and the search.
+        folded_out: if given, receives the folded weights before clipping (the FP block the
+            quantized one approximates; e.g. the reference of a LoRC residual).
     Returns:
         ``(new_weights, report)``: folded and clipped weights (norms and biases included) and
         ``{"scales": {pair: {...}}, "clip": {module: mean shrink}}``.
@@ -222,6 +226,8 @@ def awq_block(layer_factory: Callable[[dict[str, torch.Tensor]], Any],
         del cap
         for pair, s_prev, s_cols in found:
             fold_scales(w, pair, s_prev, s_cols)
+    if folded_out is not None:
+        folded_out.update(w)
     if cfg.clip:
         cap = _Captured(layer_factory(w), h, rope)
         inputs = {"self_attn.v_proj": cap.x_attn, "self_attn.o_proj": cap.x_o,

@@ -86,11 +86,8 @@ def _sub_per_super(spec: GridSpec) -> int:
 
 
 def _effective(spec: GridSpec, grid: Grid, in_f: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column effective scale ``e`` and offset ``b`` (float32 ``[out, in]``)."""
-    if isinstance(grid, AffineGrid):
-        e = _expand(grid.scales, spec, in_f)
-        b = _expand(grid.mins, spec, in_f) if spec.zero == ZeroDomain.FLOAT else np.zeros_like(e)
-        return e, b
+    """Per-column effective scale ``e`` and offset ``b`` (float32 ``[out, in]``) of a superblock
+    or fixed-table codebook grid: value = ``e * T(code) + b``."""
     if isinstance(grid, SuperBlockGrid):
         per = _sub_per_super(spec)
         e = _expand(np.repeat(grid.d, per, axis=1) * grid.sc.astype(np.float32), spec, in_f)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qexport.grids import Grid, GridSpec, dequantize
+from qexport.errors import InputError
+from qexport.grids import Grid, GridSpec
 from qexport.methods.result import QuantResult
 
 from .levels import dst_grid, fit_grid, group_index, neighbors
@@ -69,6 +70,7 @@ class RoundingVars(torch.nn.Module):
         self.register_buffer("gidx", torch.from_numpy(group_index(spec, W.shape[1])))
         self.register_buffer("soft", torch.ones(W.shape, dtype=torch.bool))
         self.register_buffer("up", frac > 0.5)
+        self._round: tuple | None = None
 
     # ---- forward ----------------------------------------------------------------------
     def dst_factor(self) -> torch.Tensor:
@@ -76,12 +78,49 @@ class RoundingVars(torch.nn.Module):
         return 2.0 * torch.sigmoid(self.v)
 
     def weight(self) -> torch.Tensor:
-        """The fake-quantized weight, float32 ``[out, in]`` (differentiable in r and v)."""
-        hard = torch.where(self.up, self.v1, self.v0)
-        w = torch.where(self.soft, self.v0 + rect_sigmoid(self.r) * self.step, hard)
-        if self.dst:
-            w = w * self.dst_factor()[:, self.gidx]
-        return w
+        """The fake-quantized weight, float32 ``[out, in]`` (differentiable in r and v; inside a
+        round only the round's compact soft variables carry gradients)."""
+        if self._round is not None:
+            idx, base, v0s, steps, r_soft = self._round
+            w = base.index_put((idx,), v0s + rect_sigmoid(r_soft) * steps).view(self.v0.shape)
+        else:
+            hard = torch.where(self.up, self.v1, self.v0)
+            w = torch.where(self.soft, self.v0 + rect_sigmoid(self.r) * self.step, hard)
+        return self._dst(w) if self.dst else w
+
+    def _dst(self, w: torch.Tensor) -> torch.Tensor:
+        """``w * f`` with ``f`` per (row, group) broadcast over the group's columns."""
+        out_f, in_f = w.shape
+        gl = self.spec.group_len(in_f)
+        f = self.dst_factor()
+        if in_f % gl == 0:
+            return (w.view(out_f, in_f // gl, gl) * f[..., None]).view(out_f, in_f)
+        return w * f[:, self.gidx]
+
+    # ---- rounds --------------------------------------------------------------------------
+    def begin_round(self) -> torch.nn.Parameter:
+        """Gather the still-soft variables into a fresh compact parameter (what Adam trains
+        this round); the hard part of the weight is fixed for the round."""
+        with torch.no_grad():
+            idx = torch.nonzero(self.soft.flatten()).flatten()
+            base = torch.where(self.up, self.v1, self.v0).flatten()
+            r_soft = torch.nn.Parameter(self.r.detach().flatten()[idx].clone())
+            self._round = (idx, base, self.v0.flatten()[idx], self.step.flatten()[idx], r_soft)
+        return r_soft
+
+    def end_round(self) -> None:
+        """Write the round's trained soft variables back into ``r``."""
+        if self._round is not None:
+            idx, r_soft = self._round[0], self._round[4]
+            with torch.no_grad():
+                self.r.view(-1)[idx] = r_soft.detach()
+            self._round = None
+
+    @torch.no_grad()
+    def hard_weight(self) -> torch.Tensor:
+        """float32 ``[out, in]``: every variable at its current ``up`` decision, no DST (before
+        training: round-to-nearest on the grid, bit for bit RTN's dequantized weight)."""
+        return torch.where(self.up, self.v1, self.v0)
 
     # ---- hardening ---------------------------------------------------------------------
     @torch.no_grad()
@@ -112,7 +151,8 @@ class RoundingVars(torch.nn.Module):
     def codes(self) -> np.ndarray:
         """uint8 ``[out, in]``: ``c0 + up`` (every variable must be hard)."""
         if bool(self.soft.any()):
-            raise RuntimeError(f"{self.name}: codes requested while variables are still soft")
+            raise InputError(f"{self.name}: codes expected every rounding variable hard "
+                             f"(found {int(self.soft.sum())} soft; call harden_all first)")
         return self.c0 + self.up.numpy().astype(np.uint8)
 
     def export(self) -> QuantResult:
@@ -131,7 +171,3 @@ class RoundingVars(torch.nn.Module):
     def _nearest_codes(self) -> np.ndarray:
         """Round-to-nearest codes on the initial grid (what RTN would store)."""
         return self.c0 + self._init_up.astype(np.uint8)
-
-    def dequantized(self, res: QuantResult) -> torch.Tensor:
-        """``grids.dequantize`` of an export as a float32 torch tensor ``[out, in]``."""
-        return torch.from_numpy(dequantize(res.codes, res.grid, res.spec))

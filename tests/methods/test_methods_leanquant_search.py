@@ -1,0 +1,135 @@
+"""The LeanQuant_aff span searches: valid, exactly representable grids that never lose to
+min-max on the weighted span objective, and GGUF blocks that gguf-py decodes to our values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qexport.grids import (GridKind, GridSpec, ZeroDomain, concat_grids, dequantize,
+                           fit_minmax, validate)
+from qexport.grids import quantize_nearest
+from qexport.methods.grid_search import search_span, span_error
+from qexport.methods.leanquant import leanquant_aff_quantize
+from qexport.methods.superblock_search import search_superblock
+
+IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+SPAN_SPECS = {
+    "sym4": GridSpec.affine(4, 64, True),
+    "sym2": GridSpec.affine(2, 64, True),
+    "asym3": GridSpec.affine(3, 64, False),
+    "fmin4": GridSpec.affine(4, 64, False, zero=ZeroDomain.FLOAT),
+    "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=64,
+                       table=IQ4_TABLE),
+}
+SUPER_SPECS = {
+    "q2_k": GridSpec(name="q2_k-like", kind=GridKind.SUPERBLOCK, bits=2, group_size=16,
+                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 15),
+                     sub_min_range=(0, 15), row_multiple=256),
+    "q3_k": GridSpec(name="q3_k-like", kind=GridKind.SUPERBLOCK, bits=3, group_size=16,
+                     super_size=256, code_offset=4, sub_scale_range=(-32, 31),
+                     row_multiple=256),
+    "q4_k": GridSpec(name="q4_k-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
+                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 63),
+                     sub_min_range=(0, 63), row_multiple=256),
+    "q6_k": GridSpec(name="q6_k-like", kind=GridKind.SUPERBLOCK, bits=6, group_size=16,
+                     super_size=256, code_offset=32, sub_scale_range=(-128, 127),
+                     row_multiple=256),
+    "iq4_xs": GridSpec(name="iq4_xs-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
+                       super_size=256, table=IQ4_TABLE, sub_scale_range=(-32, 31),
+                       row_multiple=256),
+}
+
+
+def _rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Heavy-tailed rows plus the hard cases: all zero, constant, one outlier, all negative."""
+    W = (rng.standard_t(3, (12, n)) * 0.03).astype(np.float32)
+    W[0] = 0
+    W[1] = 0.5
+    W[2, 3] = 4.0
+    W[3] = -np.abs(W[3])
+    return W
+
+
+def _check(spec: GridSpec, grid, W: np.ndarray, s: np.ndarray) -> None:
+    codes = quantize_nearest(spec, grid, W, 0, span=W.shape[1])
+    validate(codes, grid, spec, "span")
+    mm = fit_minmax(spec, W)
+    for r in range(W.shape[0]):        # per row: never worse than min-max (1 ulp of slack)
+        e, e_mm = span_error(spec, _row(grid, r), W[r:r + 1], s), \
+            span_error(spec, _row(mm, r), W[r:r + 1], s)
+        assert e <= e_mm * (1 + 1e-5) + 1e-30, f"{spec.name} row {r}: {e} > min-max {e_mm}"
+
+
+def _row(grid, r):
+    return type(grid)(**{k: v[r:r + 1] for k, v in grid.arrays().items()})
+
+
+@pytest.mark.parametrize("key", sorted(SPAN_SPECS))
+@pytest.mark.parametrize("n", [64, 40])                     # full and ragged span
+def test_span_search_valid_and_not_worse_than_minmax(rng, key, n):
+    spec = SPAN_SPECS[key]
+    W = _rows(rng, n)
+    s = np.exp(2 * rng.standard_normal(n)).astype(np.float32)
+    s[:3] = 0
+    g = search_span(spec, W, s)
+    _check(spec, g, W, s)
+    total = sum(span_error(spec, _row(g, r), W[r:r + 1], s) for r in range(12))
+    total_mm = sum(span_error(spec, _row(fit_minmax(spec, W), r), W[r:r + 1], s)
+                   for r in range(12))
+    assert total < 0.95 * total_mm                          # the search does something
+
+
+@pytest.mark.parametrize("key", sorted(SUPER_SPECS))
+def test_superblock_search_valid_and_not_worse_than_minmax(rng, key):
+    spec = SUPER_SPECS[key]
+    W = _rows(rng, 256)
+    s = np.exp(2 * rng.standard_normal(256)).astype(np.float32)
+    g = search_superblock(spec, W, s)
+    assert g.sc.dtype == np.int16 and g.d.shape == (12, 1)
+    _check(spec, g, W, s)
+    total = sum(span_error(spec, _row(g, r), W[r:r + 1], s) for r in range(12))
+    total_mm = sum(span_error(spec, _row(fit_minmax(spec, W), r), W[r:r + 1], s)
+                   for r in range(12))
+    assert total < 0.95 * total_mm
+
+
+def test_search_without_weights_is_unweighted(rng):
+    W = _rows(rng, 64)
+    spec = SPAN_SPECS["asym3"]
+    a = search_span(spec, W, None)
+    b = search_span(spec, W, np.full(64, 7.0, dtype=np.float32))
+    c = search_span(spec, W, np.zeros(64, dtype=np.float32))      # all-dead span
+    for k in a.arrays():
+        assert np.array_equal(a.arrays()[k], b.arrays()[k])
+        assert np.array_equal(a.arrays()[k], c.arrays()[k])
+
+
+GGUF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ4_NL", "IQ4_XS"]
+
+
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+def test_gguf_packer_accepts_and_gguf_py_decodes_our_values(rng, type_name):
+    gguf = pytest.importorskip("gguf")
+    from qexport.backends.gguf.pack import pack_tensor
+    from qexport.backends.gguf.types import gguf_type, spec_for
+    spec = spec_for(type_name)
+    X = rng.standard_normal((512, 256)) * np.exp(rng.standard_normal(256))
+    H = (2.0 / 512 * X.T @ X).astype(np.float32)
+    W = (rng.standard_t(4, (8, 256)) * 0.02).astype(np.float32)
+    res = leanquant_aff_quantize(W, H, spec, name="blk.0.w")
+    raw = pack_tensor(res.codes, res.grid, spec, name="blk.0.w")
+    deq = gguf.quants.dequantize(raw, gguf_type(type_name).ggml_type).reshape(8, 256)
+    assert np.array_equal(deq.astype(np.float32), res.dequantize())
+
+
+def test_superblock_spans_concatenate(rng):
+    """A 512-wide W has two 256-column spans; their grids concatenate into a valid grid."""
+    spec = SUPER_SPECS["q4_k"]
+    W = _rows(rng, 512)
+    grids = [search_superblock(spec, W[:, c:c + 256], None) for c in (0, 256)]
+    g = concat_grids(grids)
+    codes = np.concatenate([quantize_nearest(spec, gg, W[:, c:c + 256], 0, span=256)
+                            for gg, c in zip(grids, (0, 256))], axis=1)
+    validate(codes, g, spec, "t")
+    assert dequantize(codes, g, spec).shape == (12, 512)

@@ -1,0 +1,28 @@
+"""Reliability-test fixtures: calibration text in the tiny tokenizer's domain."""
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~60 KB of Python stdlib source (the tiny tokenizer's own training domain)."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
+    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(text[:60000], encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def micro_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Random Llama small enough for GPTQ in a second: hidden 64, ffn 128, 2 layers."""
+    from qexport.testing import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("micro"), "llama", hidden=64,
+                           intermediate=128, layers=2, heads=2, kv_heads=1,
+                           tokenizer_dir=tokenizer_dir)

@@ -1,0 +1,361 @@
+"""GGUF benchmark (issue 3): qexport vs llama-quantize on the sample model, llama.cpp perplexity.
+
+    nice -n 19 .venv/bin/python tools/bench_gguf.py --quick     # smoke run (10 chunks, 16 samples)
+    nice -n 19 .venv/bin/python tools/bench_gguf.py             # full run -> docs/bench/gguf.{md,png}
+
+Model: ``sample:smollm2`` (SmolLM2-135M-Instruct; its weights are dequantized Q4_1 and the F32
+reference is that dequantized model). Steps (each cached in ``.cache/bench_gguf[/quick]/results.json``
+and skipped on rerun once done; ``--redo KEY-SUBSTRING`` forgets matching entries):
+
+1. F32 GGUF written by qexport (IR without quantized tensors, ``backends.gguf.writer.lower_gguf``).
+2. ``llama-imatrix`` on the calibration text (``-c 512``, as many chunks as qexport's samples);
+   qexport's own imatrix (:func:`qexport.imatrix.compute_imatrix`, the same 128 x 512 seeded
+   windows as ``--method gptq``), saved as a llama-imatrix GGUF.
+3. Per type: ``llama-quantize`` without / with imatrix; ``qexport convert --method rtn`` (CLI;
+   must reproduce llama-quantize's bytes); qexport RTN with llama-imatrix's file (must reproduce
+   llama-quantize + imatrix); qexport RTN with qexport's imatrix (compared with llama-quantize
+   given that imatrix); qexport GPTQ. Calibrated/imatrix files use llama.cpp's "with imatrix"
+   recipe, so they have the same tensor types and size as llama-quantize + imatrix.
+4. ``llama-perplexity -f wiki.test.raw -c 512 -b 512 --chunks 100 -t 2``. A file whose tensors
+   are byte-identical to its llama-quantize counterpart reuses that measurement.
+5. Markdown table + plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import bench_gguf_report as rep  # noqa: E402
+
+SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
+CALIB = SHARED / "data" / "exllamav2-cal" / "c4.utf8"
+WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TOOLS = REPO / ".cache" / "llama-tools"
+MODEL = "sample:smollm2"
+TYPES = ["Q4_0", "IQ4_NL", "Q4_K_M", "Q3_K_M", "Q2_K"]
+
+
+@dataclass
+class Settings:
+    out: Path
+    ppl_chunks: int = 100
+    calib_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    threads: int = 2
+    quick: bool = False
+
+
+class Bench:
+    """Cached steps; ``self.results`` is saved after every finished step."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        s.out.mkdir(parents=True, exist_ok=True)
+        self.file = s.out / "results.json"
+        self.results: dict[str, Any] = json.loads(self.file.read_text()) \
+            if self.file.is_file() else {}
+        self._src = None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def save(self) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        tmp.replace(self.file)
+
+    def step(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if key in self.results and "error" not in self.results[key]:
+            return self.results[key]
+        print(f"== {key}", flush=True)
+        t0 = time.time()
+        try:
+            res = fn()
+        except Exception as e:                    # recorded, the other steps still run
+            res = {"error": f"{type(e).__name__}: {e}"}
+        res.setdefault("seconds", round(time.time() - t0, 1))
+        self.results[key] = res
+        self.save()
+        print(f"   {json.dumps(res)[:400]}", flush=True)
+        return res
+
+    def path(self, key: str) -> Path:
+        return self.s.out / (key.replace("|", "-") + ".gguf")
+
+    def src(self) -> Any:
+        if self._src is None:
+            from qexport.model import load_model
+            self._src = load_model(MODEL)
+        return self._src
+
+    def run(self, cmd: list[str], log: Path) -> None:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        if rc != 0:
+            raise RuntimeError(f"exit {rc}: {' '.join(cmd[:3])} ...; see {log}")
+
+    def built(self, key: str) -> dict[str, Any]:
+        return {"path": str(self.path(key)), **rep.gguf_stats(self.path(key))}
+
+    # -- artifacts ----------------------------------------------------------------------------
+    def build_f32(self) -> dict[str, Any]:
+        import numpy as np
+
+        from qexport.backends.gguf.writer import lower_gguf
+        from qexport.ir import QModel
+        src = self.src()
+        pt = {n: np.asarray(src.get(n), dtype=np.float32) for n in src.tensor_names()}
+        qm = QModel(config=dict(src.config), passthrough=pt, tokenizer=dict(src.tokenizer),
+                    recipe={}, provenance={"source": src.source})
+        lower_gguf(qm, self.path("f32"), force=True)
+        return self.built("f32")
+
+    def llama_imatrix(self) -> dict[str, Any]:
+        out = self.s.out / "imatrix-llama.gguf"
+        self.run([str(TOOLS / "llama-imatrix"), "-m", str(self.path("f32")), "-f", str(CALIB),
+                  "-c", str(self.s.seq_len), "-b", str(self.s.seq_len),
+                  "--chunks", str(self.s.calib_samples), "-t", str(self.s.threads),
+                  "--output-frequency", "100000", "-o", str(out)],
+                 self.s.out / "imatrix-llama.log")
+        from qexport.imatrix import load_imatrix_gguf
+        _, meta = load_imatrix_gguf(out)
+        return {"path": str(out), **{k: v for k, v in meta.items() if k != "datasets"}}
+
+    def qexport_imatrix(self) -> dict[str, Any]:
+        from qexport.imatrix import compute_imatrix, save_imatrix_gguf
+        im, info = compute_imatrix(self.src(), CALIB, n_samples=self.s.calib_samples,
+                                   seq_len=self.s.seq_len, seed=self.s.seed, progress=False)
+        out = self.s.out / "imatrix-qexport.gguf"
+        save_imatrix_gguf(im, out, tokens=info["tokens"], chunk_size=self.s.seq_len,
+                          dataset=CALIB.name)
+        return {"path": str(out), "entries": len(im), "tokens": info["tokens"],
+                "calib_hash": info["hash"]}
+
+    def llama_quantize(self, key: str, t: str, imatrix: Path | None) -> dict[str, Any]:
+        cmd = [str(TOOLS / "llama-quantize")]
+        if imatrix is not None:
+            cmd += ["--imatrix", str(imatrix)]
+        cmd += [str(self.path("f32")), str(self.path(key)), t, str(self.s.threads)]
+        self.run(cmd, self.path(key).with_suffix(".log"))
+        return self.built(key)
+
+    def qexport_cli_rtn(self, key: str, t: str) -> dict[str, Any]:
+        self.run([sys.executable, "-m", "qexport.cli", "convert", MODEL, "--to", "gguf",
+                  "--type", t, "--method", "rtn", "-o", str(self.path(key)), "--force",
+                  "--quiet"], self.path(key).with_suffix(".log"))
+        return self.built(key)
+
+    def plan(self, t: str, imatrix: bool) -> dict[str, Any]:
+        from qexport.backends.gguf.recipes import plan_recipe
+        from qexport.backends.gguf.types import spec_for
+        from qexport.commands import model_shapes
+        from qexport.specs import TensorPlan
+        src = self.src()
+        pr = plan_recipe(t, src.config, model_shapes(src), imatrix=imatrix)
+        return {n: TensorPlan(spec_for(p.type_name), p.reason) for n, p in pr.items()
+                if p.type_name not in ("F16", "F32")}
+
+    def lower(self, qm: Any, key: str, t: str) -> dict[str, Any]:
+        from qexport.backends.gguf.writer import lower_gguf
+        qm.recipe.update({"name": t, "target": "gguf"})
+        lower_gguf(qm, self.path(key), force=True, name=self.src().source)
+        return self.built(key)
+
+    def qexport_rtn_imatrix(self, key: str, t: str, imatrix_file: Path) -> dict[str, Any]:
+        from qexport.imatrix import load_imatrix_gguf, quantize_rtn_imatrix
+        im, _ = load_imatrix_gguf(imatrix_file)
+        qm = quantize_rtn_imatrix(self.src(), self.plan(t, True), im, progress=False)
+        return self.lower(qm, key, t)
+
+    def qexport_gptq(self, key: str, t: str) -> dict[str, Any]:
+        from qexport.pipeline import QuantizeOptions, quantize_model
+        opts = QuantizeOptions(method="gptq", calib=str(CALIB), n_samples=self.s.calib_samples,
+                               seq_len=self.s.seq_len, seed=self.s.seed, progress=False)
+        qm = quantize_model(self.src(), self.plan(t, True), opts)
+        return self.lower(qm, key, t)
+
+    # -- measurements -------------------------------------------------------------------------
+    def perplexity(self, key: str) -> dict[str, Any]:
+        log = self.s.out / (key.replace("|", "-") + ".ppl.log")
+        self.run([str(TOOLS / "llama-perplexity"), "-m", str(self.path(key)), "-f", str(WIKI),
+                  "-c", "512", "-b", "512", "--chunks", str(self.s.ppl_chunks),
+                  "-t", str(self.s.threads)], log)
+        got = rep.parse_ppl(log.read_text(errors="replace"))
+        if got is None:
+            raise RuntimeError(f"no 'Final estimate' line in {log}")
+        return {"ppl": got[0], "ppl_err": got[1], "chunks": self.s.ppl_chunks}
+
+    def compare(self, a: str, b: str, t: str) -> dict[str, Any]:
+        pa, pb = self.path(f"{a}|{t}"), self.path(f"{b}|{t}")
+        if not (pa.is_file() and pb.is_file()):
+            raise RuntimeError(f"missing {pa.name} or {pb.name}")
+        return rep.compare_gguf(pa, pb)
+
+    def ppl_or_alias(self, key: str, ref: str, cmp_key: str) -> None:
+        """Measure ``key`` unless its tensors equal ``ref``'s bytes (then reuse ``ref``'s PPL)."""
+        c = self.results.get(cmp_key, {})
+        if c.get("tensors_identical"):
+            self.results[f"alias|{key}"] = ref
+            self.save()
+        else:
+            self.step(f"ppl|{key}", lambda: self.perplexity(key))
+
+
+def run_all(b: Bench, types: list[str]) -> None:
+    """Every step, cheapest and most important first (so partial runs are useful)."""
+    b.step("build|f32", b.build_f32)
+    b.step("ppl|f32", lambda: b.perplexity("f32"))
+    lim = b.s.out / "imatrix-llama.gguf"
+    qim = b.s.out / "imatrix-qexport.gguf"
+    b.step("imatrix|llama", b.llama_imatrix)
+    for t in types:
+        b.step(f"build|lq|{t}", lambda: b.llama_quantize(f"lq|{t}", t, None))
+        b.step(f"build|lqi|{t}", lambda: b.llama_quantize(f"lqi|{t}", t, lim))
+        b.step(f"build|rtn|{t}", lambda: b.qexport_cli_rtn(f"rtn|{t}", t))
+        b.step(f"cmp|rtn|lq|{t}", lambda: b.compare("rtn", "lq", t))
+        b.step(f"build|rtn-llimat|{t}", lambda: b.qexport_rtn_imatrix(f"rtn-llimat|{t}", t, lim))
+        b.step(f"cmp|rtn-llimat|lqi|{t}", lambda: b.compare("rtn-llimat", "lqi", t))
+    for t in types:
+        b.step(f"build|gptq|{t}", lambda: b.qexport_gptq(f"gptq|{t}", t))
+        b.step(f"ppl|gptq|{t}", lambda: b.perplexity(f"gptq|{t}"))
+        b.step(f"ppl|lqi|{t}", lambda: b.perplexity(f"lqi|{t}"))
+    b.step("imatrix|qexport", b.qexport_imatrix)
+    b.step("imatrix|agreement", lambda: rep.imatrix_agreement(lim, qim))
+    for t in types:
+        b.step(f"build|lqq|{t}", lambda: b.llama_quantize(f"lqq|{t}", t, qim))
+        b.step(f"build|rtn-imat|{t}", lambda: b.qexport_rtn_imatrix(f"rtn-imat|{t}", t, qim))
+        b.step(f"cmp|rtn-imat|lqq|{t}", lambda: b.compare("rtn-imat", "lqq", t))
+        b.step(f"ppl|rtn-imat|{t}", lambda: b.perplexity(f"rtn-imat|{t}"))
+    for t in types:
+        b.step(f"ppl|lq|{t}", lambda: b.perplexity(f"lq|{t}"))
+        b.ppl_or_alias(f"rtn|{t}", f"lq|{t}", f"cmp|rtn|lq|{t}")
+
+
+NOTES = """\
+## How to read this
+
+- Model: SmolLM2-135M-Instruct (`sample:smollm2`), 30 layers, hidden 576, intermediate 1536,
+  tied embeddings. Its weights are the dequantized Q4_1 values of the shipped GGUF, so "F32" is
+  that dequantized model written by qexport (`lower_gguf` of an IR without quantized tensors).
+- Hidden 576 is not a multiple of 256: llama.cpp's row-length fallback turns every k-quant on
+  q/k/v/o/gate/up into a 32-block type (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0); only ffn_down (1536 columns) keeps its k-quant. The tied token_embd/output is
+  Q8_0 in every file. So "Q2_K" here is mostly Q4_0 and the k-quant rows mostly measure the
+  legacy 32-block types (the ggml type counts of each file are in `results.json`).
+- bits/weight: stored bits of every 2-D tensor (weights, scales, mins; token_embd included)
+  over its element count. File size is the whole `.gguf`.
+- Perplexity: `llama-perplexity -f wiki.test.raw -c 512 -b 512 -t 2` (second half of each
+  window, llama.cpp's convention); ± is llama-perplexity's own estimate.
+- llama-quantize + imatrix: imatrix from `llama-imatrix -f c4.utf8 -c 512 -b 512 --chunks N`
+  on the F32 file (N = the number of qexport calibration windows). qexport gptq: 
+  N x 512-token seeded windows (seed 0) of the same c4.utf8, damp 0.01, block 128, no
+  act-order, min-max grids (`qexport.methods.gptq`); it uses llama.cpp's *with-imatrix* recipe
+  (for Q4_0: ffn_down of layers 0-2 in Q4_1; for IQ4_NL: no Q5_K ffn_down), so its tensor types
+  and size equal llama-quantize + imatrix. `qexport convert --method gptq` from the CLI plans
+  the *without-imatrix* recipe today (the two differ only for Q4_0 and IQ4_NL).
+- qexport rtn (CLI `qexport convert --method rtn`) re-implements llama.cpp's quantizers;
+  "qexport rtn + qexport imatrix" uses `qexport.imatrix.compute_imatrix` (mean x^2 per input
+  column from the same calibration windows as gptq). The reproduction table checks them byte
+  for byte against llama-quantize. Whole-file `cmp` differs only by layout (llama-quantize
+  writes `general.file_type`/`general.quantization_version` last and orders tensors by its
+  weight-name comparer, output_norm first) plus its `quantize.imatrix.*` keys.
+- ratio column: (qexport ΔPPL) / (llama-quantize + imatrix ΔPPL), ΔPPL against F32. The issue's
+  target is ratio <= 0.5 for qexport gptq at every type.
+"""
+
+
+def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
+    rows = {x["key"]: x for x in rep.results_table(r, types)}
+    out = ["## Target: qexport ΔPPL <= 0.5 x llama-quantize+imatrix ΔPPL", ""]
+    for t in types:
+        g = rows.get(f"gptq|{t}")
+        if g is None or g["ratio"] is None:
+            out.append(f"- {t}: not measured")
+            continue
+        verdict = "met" if g["ratio"] <= 0.5 else "NOT met"
+        out.append(f"- {t}: gptq ratio {g['ratio']:.2f} -> {verdict}")
+    return out + [""]
+
+
+def imatrix_lines(r: dict[str, Any]) -> list[str]:
+    a = r.get("imatrix|agreement")
+    if not a or "error" in a:
+        return []
+    return ["## qexport imatrix vs llama-imatrix", "",
+            f"Over {a['tensors']} linears: cosine similarity median {a['cos_median']:.5f}, "
+            f"min {a['cos_min']:.5f}; median over tensors of the 95th percentile of "
+            f"|log(ratio)| of mean-normalized entries {a['abs_log_ratio_p95_median']:.3f} "
+            "(qexport: seeded random windows; llama-imatrix: consecutive chunks).", ""]
+
+
+def types_lines(r: dict[str, Any], types: list[str]) -> list[str]:
+    out = ["## ggml tensor types per file", "", "| type | llama-quantize | + imatrix "
+           "(= qexport gptq / rtn + imatrix) |", "|---|---|---|"]
+    for t in types:
+        cells = []
+        for m in ("lq", "lqi"):
+            bb = r.get(f"build|{m}|{t}") or {}
+            cells.append(", ".join(f"{k} x{v}" for k, v in bb.get("types", {}).items()) or "–")
+        out.append(f"| {t} | {cells[0]} | {cells[1]} |")
+    return out + [""]
+
+
+def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
+    r = b.results
+    s = b.s
+    title = (f"SmolLM2-135M-Instruct, wikitext-2 test, llama-perplexity -c 512 "
+             f"--chunks {s.ppl_chunks}")
+    rep.plot_results(r, types, png, title)
+    walls = {k: v.get("seconds") for k, v in sorted(r.items()) if isinstance(v, dict)}
+    errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
+    text = [f"# GGUF: qexport vs llama-quantize on {MODEL}{' (QUICK smoke run)' if s.quick else ''}",
+            "", "Generated by `tools/bench_gguf.py`" + (" --quick" if s.quick else "") +
+            f"; settings: `{json.dumps({k: str(v) for k, v in asdict(s).items() if k != 'out'})}`.",
+            "", rep.table_markdown(r, types), f"![PPL vs file size]({png.name})", "",
+            *target_lines(r, types), NOTES,
+            "## Byte reproduction of llama-quantize", "", rep.repro_table(r, types),
+            *imatrix_lines(r), *types_lines(r, types),
+            "## Wall times (s, under `nice -n 19` on the shared 2-core machine)", "",
+            "```", json.dumps(walls, indent=0), "```"]
+    if errors:
+        text += ["", "## Errors", "", "```", json.dumps(errors, indent=1), "```"]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(text) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10 PPL chunks, 16 calibration samples")
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--out", default=None, help="cache folder (default .cache/bench_gguf[/quick])")
+    ap.add_argument("--redo", action="append", default=[], help="forget cached keys containing this")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out) if a.out else REPO / ".cache" / "bench_gguf" / ("quick" if a.quick else "full")
+    s = Settings(out=out, quick=a.quick, **({"ppl_chunks": 10, "calib_samples": 16} if a.quick else {}))
+    b = Bench(s)
+    for pat in a.redo:
+        for k in [k for k in b.results if pat in k]:
+            del b.results[k]
+    if a.redo:
+        b.save()
+    types = a.types.split(",")
+    import torch
+    torch.set_num_threads(s.threads)
+    if not a.report_only:
+        run_all(b, types)
+    md = out / "gguf.md" if a.quick else REPO / "docs" / "bench" / "gguf.md"
+    write_report(b, types, md, md.with_suffix(".png"))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
