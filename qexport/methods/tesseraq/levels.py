@@ -5,13 +5,16 @@ TesseraQ's rounding variable chooses, for each weight, between two representable
 code ``c0`` below it and ``c0 + 1``. For every grid kind the decoded value of a code is
 ``e * T(code) + b`` with a per-group effective scale ``e`` and offset ``b``:
 
-| spec kind       | e            | T(code)                      | b           | DST (x f, f = 2 sigmoid(v)) snapped as |
-|-----------------|--------------|------------------------------|-------------|----------------------------------------|
-| affine / none   | scale        | code - code_offset           | 0           | scale' = dtype(scale * f)              |
-| affine / int    | scale        | code - zero                  | 0           | scale' = dtype(scale * f), zero kept   |
-| affine / float  | scale        | code                         | min         | scale', min' = dtype(scale * f, min * f)|
-| superblock      | d * sc       | code - code_offset, or table | -dmin * m   | sc' = rint(sc * f), m' = rint(m * f) (d, dmin kept) |
-| codebook, table | scale        | table[code]                  | 0           | scale' = dtype(scale * f)              |
+| spec kind      | e       | T(code)                   | b          | DST x f, snapped as          |
+|----------------|---------|---------------------------|------------|------------------------------|
+| affine / none  | scale   | code - code_offset        | 0          | scale' = dtype(scale * f)    |
+| affine / int   | scale   | code - zero               | 0          | scale' as above, zero kept   |
+| affine / float | scale   | code                      | min        | scale', min' = dtype(.. * f) |
+| superblock     | d * sc  | code - code_offset, table | -dmin * m  | sc', m' = rint(.. * f)       |
+| codebook table | scale   | table[code]               | 0          | scale' = dtype(scale * f)    |
+
+(f = 2 sigmoid(v) per (row, group); superblocks keep d and dmin, so only the integer sub-scales
+and sub-mins move: DST is off by default there, see the driver options.)
 
 ``c0`` is found in code units ``t = (w - b) / e (+ zero)``: ``floor(t)`` for uniform codes (for
 affine specs exactly the ``w / scale`` that :func:`qexport.grids.quantize_nearest` rounds, so
