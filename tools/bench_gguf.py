@@ -1,11 +1,12 @@
 """GGUF benchmark (issue 3): qexport vs llama-quantize on the sample model, llama.cpp perplexity.
 
     nice -n 19 .venv/bin/python tools/bench_gguf.py --quick     # smoke run (10 chunks, 16 samples)
-    nice -n 19 .venv/bin/python tools/bench_gguf.py             # full run -> docs/bench/gguf.{md,png}
+    nice -n 19 .venv/bin/python tools/bench_gguf.py            # full -> docs/bench/gguf.{md,png}
 
 Model: ``sample:smollm2`` (SmolLM2-135M-Instruct; its weights are dequantized Q4_1 and the F32
-reference is that dequantized model). Steps (each cached in ``.cache/bench_gguf[/quick]/results.json``
-and skipped on rerun once done; ``--redo KEY-SUBSTRING`` forgets matching entries):
+reference is that dequantized model). Steps (each cached in
+``.cache/bench_gguf/{full,quick}/results.json`` and skipped on rerun once done;
+``--redo KEY-SUBSTRING`` forgets matching entries):
 
 1. F32 GGUF written by qexport (IR without quantized tensors, ``backends.gguf.writer.lower_gguf``).
 2. ``llama-imatrix`` on the calibration text (``-c 512``, as many chunks as qexport's samples);
@@ -210,7 +211,9 @@ class Bench:
 
 
 def run_all(b: Bench, types: list[str]) -> None:
-    """Every step, cheapest and most important first (so partial runs are useful)."""
+    """Every step, the headline comparison first (so partial runs are useful): llama.cpp files,
+    gptq vs llama-quantize + imatrix, llama-quantize alone, qexport's imatrix, and last the
+    byte reproductions of llama-quantize by qexport rtn."""
     b.step("build|f32", b.build_f32)
     b.step("ppl|f32", lambda: b.perplexity("f32"))
     lim = b.s.out / "imatrix-llama.gguf"
@@ -219,14 +222,12 @@ def run_all(b: Bench, types: list[str]) -> None:
     for t in types:
         b.step(f"build|lq|{t}", lambda: b.llama_quantize(f"lq|{t}", t, None))
         b.step(f"build|lqi|{t}", lambda: b.llama_quantize(f"lqi|{t}", t, lim))
-        b.step(f"build|rtn|{t}", lambda: b.qexport_cli_rtn(f"rtn|{t}", t))
-        b.step(f"cmp|rtn|lq|{t}", lambda: b.compare("rtn", "lq", t))
-        b.step(f"build|rtn-llimat|{t}", lambda: b.qexport_rtn_imatrix(f"rtn-llimat|{t}", t, lim))
-        b.step(f"cmp|rtn-llimat|lqi|{t}", lambda: b.compare("rtn-llimat", "lqi", t))
     for t in types:
+        b.step(f"ppl|lqi|{t}", lambda: b.perplexity(f"lqi|{t}"))
         b.step(f"build|gptq|{t}", lambda: b.qexport_gptq(f"gptq|{t}", t))
         b.step(f"ppl|gptq|{t}", lambda: b.perplexity(f"gptq|{t}"))
-        b.step(f"ppl|lqi|{t}", lambda: b.perplexity(f"lqi|{t}"))
+    for t in types:
+        b.step(f"ppl|lq|{t}", lambda: b.perplexity(f"lq|{t}"))
     b.step("imatrix|qexport", b.qexport_imatrix)
     b.step("imatrix|agreement", lambda: rep.imatrix_agreement(lim, qim))
     for t in types:
@@ -235,7 +236,10 @@ def run_all(b: Bench, types: list[str]) -> None:
         b.step(f"cmp|rtn-imat|lqq|{t}", lambda: b.compare("rtn-imat", "lqq", t))
         b.step(f"ppl|rtn-imat|{t}", lambda: b.perplexity(f"rtn-imat|{t}"))
     for t in types:
-        b.step(f"ppl|lq|{t}", lambda: b.perplexity(f"lq|{t}"))
+        b.step(f"build|rtn|{t}", lambda: b.qexport_cli_rtn(f"rtn|{t}", t))
+        b.step(f"cmp|rtn|lq|{t}", lambda: b.compare("rtn", "lq", t))
+        b.step(f"build|rtn-llimat|{t}", lambda: b.qexport_rtn_imatrix(f"rtn-llimat|{t}", t, lim))
+        b.step(f"cmp|rtn-llimat|lqi|{t}", lambda: b.compare("rtn-llimat", "lqi", t))
         b.ppl_or_alias(f"rtn|{t}", f"lq|{t}", f"cmp|rtn|lq|{t}")
 
 
@@ -285,6 +289,16 @@ def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
     return out + [""]
 
 
+def quick_repro_lines(b: Bench, types: list[str]) -> list[str]:
+    """The --quick run's reproduction table (rtn without imatrix does not depend on the run's
+    settings; the imatrix rows use its 16-chunk imatrices), when this is the full run."""
+    qf = b.s.out.parent / "quick" / "results.json"
+    if b.s.quick or not qf.is_file():
+        return []
+    return ["From the `--quick` run (same code; its imatrices from 16 chunks / 16 windows):", "",
+            rep.repro_table(json.loads(qf.read_text()), types)]
+
+
 def imatrix_lines(r: dict[str, Any]) -> list[str]:
     a = r.get("imatrix|agreement")
     if not a or "error" in a:
@@ -313,21 +327,23 @@ def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
     s = b.s
     title = (f"SmolLM2-135M-Instruct, wikitext-2 test, llama-perplexity -c 512 "
              f"--chunks {s.ppl_chunks}")
+    md.parent.mkdir(parents=True, exist_ok=True)
     rep.plot_results(r, types, png, title)
     walls = {k: v.get("seconds") for k, v in sorted(r.items()) if isinstance(v, dict)}
     errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
-    text = [f"# GGUF: qexport vs llama-quantize on {MODEL}{' (QUICK smoke run)' if s.quick else ''}",
+    quick = " (QUICK smoke run)" if s.quick else ""
+    text = [f"# GGUF: qexport vs llama-quantize on {MODEL}{quick}",
             "", "Generated by `tools/bench_gguf.py`" + (" --quick" if s.quick else "") +
             f"; settings: `{json.dumps({k: str(v) for k, v in asdict(s).items() if k != 'out'})}`.",
             "", rep.table_markdown(r, types), f"![PPL vs file size]({png.name})", "",
             *target_lines(r, types), NOTES,
             "## Byte reproduction of llama-quantize", "", rep.repro_table(r, types),
+            *quick_repro_lines(b, types),
             *imatrix_lines(r), *types_lines(r, types),
             "## Wall times (s, under `nice -n 19` on the shared 2-core machine)", "",
             "```", json.dumps(walls, indent=0), "```"]
     if errors:
         text += ["", "## Errors", "", "```", json.dumps(errors, indent=1), "```"]
-    md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(text) + "\n")
 
 
@@ -336,11 +352,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10 PPL chunks, 16 calibration samples")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--out", default=None, help="cache folder (default .cache/bench_gguf[/quick])")
-    ap.add_argument("--redo", action="append", default=[], help="forget cached keys containing this")
+    ap.add_argument("--redo", action="append", default=[],
+                    help="forget cached keys containing this (repeatable)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    out = Path(a.out) if a.out else REPO / ".cache" / "bench_gguf" / ("quick" if a.quick else "full")
-    s = Settings(out=out, quick=a.quick, **({"ppl_chunks": 10, "calib_samples": 16} if a.quick else {}))
+    out = Path(a.out) if a.out else REPO / ".cache" / "bench_gguf" / ("quick" if a.quick
+                                                                      else "full")
+    small = {"ppl_chunks": 10, "calib_samples": 16} if a.quick else {}
+    s = Settings(out=out, quick=a.quick, **small)
     b = Bench(s)
     for pat in a.redo:
         for k in [k for k in b.results if pat in k]:

@@ -6,7 +6,7 @@ Result records (``results.json`` values) used here:
 | key                 | fields                                                            |
 |---------------------|-------------------------------------------------------------------|
 | ``ppl|<file key>``  | ``ppl``, ``ppl_err``, ``chunks``, ``seconds``                     |
-| ``build|<file key>``| ``path``, ``bytes``, ``bpw``, ``types`` (ggml type -> tensors), ``seconds`` |
+| ``build|<file key>``| ``path``, ``bytes``, ``bpw``, ``types`` (ggml type -> count)     |
 | ``cmp|<a>|<b>``     | see :func:`compare_gguf`                                          |
 
 File keys: ``f32``, ``<method>|<TYPE>`` with method in :data:`METHOD_LABELS`.
@@ -172,8 +172,8 @@ def table_markdown(results: dict[str, Any], types: list[str]) -> str:
            "|---|---|---:|---:|---:|---:|---:|---|"]
     if fb:
         out.append(f"| F32 | reference (dequantized Q4_1 weights) | {_mib(fb['bytes'])} | "
-                   f"{fb['bpw']:.3f} | {_fmt(f32 and f32[0], '.4f')} ± {_fmt(f32 and f32[1], '.4f')}"
-                   f" | – | – | |")
+                   f"{fb['bpw']:.3f} | {_fmt(f32 and f32[0], '.4f')} ± "
+                   f"{_fmt(f32 and f32[1], '.4f')} | – | – | |")
     for r in results_table(results, types):
         ppl = "–" if r["ppl"] is None else f"{r['ppl']:.4f} ± {r['err']:.4f}"
         out.append(f"| {r['type']} | {r['method']} | {_fmt(r['MiB'], '.1f')} | "

@@ -19,6 +19,15 @@ from qexport.model import load_model
 from qexport.model.forward import DecoderLayer, Rotary, build_causal_lm
 from qexport.specs import TensorPlan
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny blocks: one torch thread avoids thread overhead on a busy 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 AFFINE = [GridSpec.affine(3, 32, False), GridSpec.affine(2, 32, True),
           GridSpec.affine(4, 40, False), GridSpec.affine(3, -1, True),
           GridSpec(name="q4_1-like", kind=GridKind.AFFINE, bits=4, group_size=32,
@@ -32,7 +41,7 @@ def _w(rng, out_f=24, in_f=96, scale=0.05):
 def _fast(**kw) -> TesseraQOptions:
     base = dict(thresholds=(0.5, 0.1), iterations=2, batch_size=2, train_len=16,
                 awq_grid=3, awq_samples=2, clip_grid=4, clip_tokens=32, eval_samples=2,
-                progress=False)
+                threads=1, progress=False)                  # tiny blocks: 1 thread is faster
     base.update(kw)
     return TesseraQOptions(**base)
 
