@@ -26,7 +26,10 @@ from qexport.model.arch import LINEAR_GROUPS, layer_prefix
 from qexport.model.tokenizer import bos_to_add, load_tokenizer
 
 __all__ = ["load_calibration", "calibration_hash", "HessianAccumulator", "quantize_layerwise",
-           "QuantizeFn"]
+           "QuantizeFn", "V_HESSIANS"]
+
+#: Hessians available for v_proj (see quantize_layerwise)
+V_HESSIANS = ("plain", "attention")
 
 QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
 
@@ -92,9 +95,14 @@ class HessianAccumulator:
         self.H = torch.zeros(dim, dim, dtype=torch.float32)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """``x``: float32 ``[b, T, d]`` (b sequences)."""
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """``x``: float32 ``[b, T, d]`` (b sequences); ``weights``: optional per-token weights
+        ``[b, T]`` (``H += 2/N * sum_t w_t x_t x_t^T``), normalised to mean 1 per sequence so
+        that the Hessian keeps the plain one's scale."""
         b = x.shape[0]
+        if weights is not None:
+            w = weights / weights.mean(-1, keepdim=True).clamp_min(1e-30)
+            x = x * w.sqrt()[..., None]
         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
         total = self.n + b
         self.H.addmm_(flat.t(), flat, beta=self.n / total, alpha=2.0 / total)
@@ -131,14 +139,17 @@ class _Stats:
 
 
 def _quantize_group(layer: Any, names: list[str], acc: HessianAccumulator,
-                    quantize_fn: QuantizeFn, stats: _Stats) -> None:
-    if not torch.isfinite(acc.H).all():
-        raise NumericsError(f"{names[0]}: Hessian has NaN/inf values (the layer's input "
-                            "activations overflowed in float32)")
+                    quantize_fn: QuantizeFn, stats: _Stats,
+                    special: dict[str, HessianAccumulator] | None = None) -> None:
+    """Quantize ``names`` with ``acc``'s Hessian (or ``special[name]``'s where given)."""
     t0 = time.perf_counter()
     for name in names:
+        H = (special or {}).get(name, acc).H
+        if not torch.isfinite(H).all():
+            raise NumericsError(f"{name}: Hessian has NaN/inf values (the layer's input "
+                                "activations overflowed in float32)")
         W = layer.linear(name).weight.detach().clone()
-        _install(layer, name, W, quantize_fn(name, W, acc.H.clone()))
+        _install(layer, name, W, quantize_fn(name, W, H.clone()))
     stats.quantize += time.perf_counter() - t0
 
 
@@ -173,13 +184,31 @@ def _input_then_apply(layer: Any, h: torch.Tensor, inp: Callable, apply: Callabl
     stats.forward += time.perf_counter() - t0
 
 
+def _value_hessian(layer: Any, h: torch.Tensor, rope: Any, bs: int,
+                   stats: _Stats) -> HessianAccumulator:
+    """v_proj's attention-weighted Hessian ``2/N sum_t w_t x_t x_t^T`` with ``w_t`` the squared
+    attention token ``t`` receives (:meth:`DecoderLayer.attn_value_weights`)."""
+    acc = HessianAccumulator(layer.arch.hidden)
+    for sl in _batches(h.shape[0], bs):
+        t0 = time.perf_counter()
+        x, w = layer.attn_input(h[sl]), layer.attn_value_weights(h[sl], rope)
+        t1 = time.perf_counter()
+        acc.add(x, w)
+        stats.forward += t1 - t0
+        stats.hessian += time.perf_counter() - t1
+    return acc
+
+
 def _run_layer(layer: Any, h: torch.Tensor, i: int, rope: Any, quantize_fn: QuantizeFn,
-               bs: int, cache_bytes: int, stats: _Stats) -> None:
+               bs: int, cache_bytes: int, stats: _Stats, v_hessian: str = "plain") -> None:
     """Quantize layer ``i`` group by group and overwrite ``h`` with its (quantized) output."""
     a = layer.arch
     qkv, o, gate_up, down = ([f"{layer_prefix(i)}{m}.weight" for m in g] for g in LINEAR_GROUPS)
     acc, _ = _accumulate(h, layer.attn_input, a.hidden, bs, stats, keep=False)
-    _quantize_group(layer, qkv, acc, quantize_fn, stats)
+    special = None
+    if v_hessian == "attention":
+        special = {n: _value_hessian(layer, h, rope, bs, stats) for n in qkv if ".v_proj." in n}
+    _quantize_group(layer, qkv, acc, quantize_fn, stats, special)
     _input_then_apply(layer, h, lambda x: layer.attn_context(x, rope), layer.attn_residual,
                       a.n_heads * a.head_dim, o, quantize_fn, bs, cache_bytes, stats)
     acc, _ = _accumulate(h, layer.mlp_input, a.hidden, bs, stats, keep=False)
@@ -221,8 +250,8 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
                        batch_size: int = 8, threads: int | None = 2,
                        cache_bytes: int = 1 << 30, start_layer: int = 0,
                        hidden: torch.Tensor | None = None,
-                       on_layer_state: Callable[[int, torch.Tensor], None] | None = None
-                       ) -> dict[str, Any]:
+                       on_layer_state: Callable[[int, torch.Tensor], None] | None = None,
+                       v_hessian: str = "plain") -> dict[str, Any]:
     """Run GPTQ-style sequential calibration over ``model`` (a SourceModel).
 
     Args:
@@ -239,6 +268,10 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
             ``start_layer`` as saved by an earlier run (required when ``start_layer > 0``).
         on_layer_state: called with ``(i, h)`` after layer ``i``; ``h`` is the residual stream
             entering layer ``i + 1`` (not to be modified).
+        v_hessian: ``"plain"`` (GPTQ's: every token weighs the same) or ``"attention"``: v_proj
+            gets a Hessian whose tokens are weighted by the squared attention they receive, so
+            that its objective is the attention output's error (attention-sink tokens dominate
+            it); q/k/o/gate/up/down keep the plain Hessian. See docs/gptq-value-hessian.md.
 
     Returns:
         ``{"layers", "n_samples", "seq_len", "seconds", "seconds_forward", "seconds_hessian",
@@ -251,6 +284,8 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
     if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
         raise InputError(f"calibration samples expected int64 [N, T] (not {samples.dtype} "
                          f"{list(samples.shape)})")
+    if v_hessian not in V_HESSIANS:
+        raise InputError(f"v_hessian: expected one of {list(V_HESSIANS)} (not {v_hessian!r})")
     if int(samples.min()) < 0 or int(samples.max()) >= a.vocab:
         raise InputError(f"calibration samples expected token ids in [0, {a.vocab}) "
                          f"(found {int(samples.min())}..{int(samples.max())})")
@@ -265,7 +300,8 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
             for i in tqdm(range(start_layer, a.n_layers), desc="calibrate", unit="layer",
                           disable=not progress, initial=start_layer, total=a.n_layers):
                 layer = DecoderLayer(model.layer_weights(i), a, i)
-                _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats)
+                _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats,
+                           v_hessian)
                 del layer
                 _trim_heap()
                 if on_layer_state is not None:

@@ -137,6 +137,7 @@ class Checkpoint:
         self.resumed_from = 0            # layers restored by begin() (0: fresh run)
         self.active = False              # begin() succeeded: the folder is this run's
         self._settings_hash = ""
+        self.sink: Any = None            # an IRStreamWriter: restored layers go straight to it
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -150,8 +151,9 @@ class Checkpoint:
                              f"version {VERSION} expected); delete the folder to start over")
         return man
 
-    def begin(self, settings: dict[str, Any]) -> tuple[int, Any, dict[str, QTensor]]:
-        """Start or resume. Returns ``(first_layer, hidden or None, restored QTensors)``.
+    def begin(self, settings: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+        """Start or resume. Returns ``(first_layer, hidden or None, restored QTensors)``; with
+        :attr:`sink` set, the restored QTensors are written to it and stand-ins returned.
 
         Raises InputError when resuming with different settings (naming each difference) or
         when a checkpoint exists and ``resume`` is off.
@@ -185,29 +187,38 @@ class Checkpoint:
         self.active = True
         return 0, None, {}
 
-    def _restore(self, man: dict[str, Any]) -> tuple[int, Any, dict[str, QTensor]]:
+    def _restore(self, man: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file, safe_open
+        from safetensors.numpy import load_file
         self._settings = man["settings"]
         k = int(man["layers_done"])
-        tensors: dict[str, QTensor] = {}
+        tensors: dict[str, Any] = {}
+        for i in range(k):                       # one layer in memory at a time
+            for name, qt in self._read_layer(i).items():
+                tensors[name] = qt if self.sink is None else self.sink.add(qt)
+        hidden = None
         try:
-            for i in range(k):
-                f = self.dir / f"layer_{i:04d}.safetensors"
-                with safe_open(str(f), framework="numpy") as so:
-                    meta = json.loads((so.metadata() or {})["tensors"])
-                arrays = load_file(str(f))
-                for name, m in meta.items():
-                    tensors[name] = _qtensor_from(name, m, arrays)
-            hidden = None
             if man.get("hidden"):
                 import torch
                 hidden = torch.from_numpy(load_file(str(self.dir / man["hidden"]))["h"])
-        except (OSError, KeyError, ValueError, SafetensorError, GridError) as e:
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
             raise InputError(f"{self.dir}: damaged checkpoint ({type(e).__name__}: {e}); "
                              "delete the folder to start over") from e
         self.resumed_from = k
         return k, hidden, tensors
+
+    def _read_layer(self, i: int) -> dict[str, QTensor]:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file, safe_open
+        f = self.dir / f"layer_{i:04d}.safetensors"
+        try:
+            with safe_open(str(f), framework="numpy") as so:
+                meta = json.loads((so.metadata() or {})["tensors"])
+            arrays = load_file(str(f))
+            return {name: _qtensor_from(name, m, arrays) for name, m in meta.items()}
+        except (OSError, KeyError, ValueError, SafetensorError, GridError) as e:
+            raise InputError(f"{self.dir}: damaged checkpoint ({type(e).__name__}: {e}); "
+                             "delete the folder to start over") from e
 
     def _write_manifest(self, settings: dict[str, Any], done: int, hidden: str | None) -> None:
         man = {"format": FORMAT, "version": VERSION, "settings_hash": self._settings_hash,
@@ -215,12 +226,14 @@ class Checkpoint:
         _replace_atomic(self.dir / _MANIFEST,
                         lambda p: p.write_text(json.dumps(man, indent=1, sort_keys=True)))
 
-    def save_layer(self, i: int, tensors: dict[str, QTensor], hidden: Any) -> None:
-        """Record layer ``i`` finished: its QTensors and the hidden states entering ``i + 1``
+    def save_layer(self, i: int, tensors: dict[str, Any], hidden: Any) -> None:
+        """Record layer ``i`` finished: its QTensors (or :class:`qexport.irstream.StagedTensor`
+        stand-ins, read back one layer at a time) and the hidden states entering ``i + 1``
         (torch float32 ``[N, T, hidden]``)."""
         from safetensors.numpy import save_file
         arrays: dict[str, np.ndarray] = {}
-        meta = {n: _qtensor_entry(qt, arrays) for n, qt in sorted(tensors.items())}
+        meta = {n: _qtensor_entry(qt if isinstance(qt, QTensor) else qt.load(), arrays)
+                for n, qt in sorted(tensors.items())}
         _replace_atomic(self.dir / f"layer_{i:04d}.safetensors", lambda p: save_file(
             arrays, str(p), metadata={"tensors": json.dumps(meta, sort_keys=True)}))
         hname = f"hidden_{i + 1:04d}.safetensors"
@@ -243,6 +256,7 @@ class Checkpoint:
     def discard_if_empty(self) -> int:
         """After a failed run: remove the folder unless it holds finished layers; returns
         the number of finished layers kept."""
+        self._discard_sink()
         if not self.active:
             return 0
         done = self.layers_done()
@@ -250,9 +264,15 @@ class Checkpoint:
             self.finish()
         return done
 
+    def _discard_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.discard()
+
     def finish(self) -> None:
         """Remove the checkpoint folder (after ``OUT`` is complete, or when the run failed in
-        a way a resume would repeat); a folder this run did not begin is left alone."""
+        a way a resume would repeat); a folder this run did not begin is left alone. Also
+        removes the staging folder of :attr:`sink` (the run's streamed IR) if still there."""
+        self._discard_sink()
         if self.active:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.active = False

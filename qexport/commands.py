@@ -15,7 +15,13 @@ from qexport.pipeline import QuantizeOptions, quantize_model
 from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, plan_uniform, resolve_spec,
                            target_spec)
 
-__all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes"]
+__all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes",
+           "tesseraq_overrides", "TQ_CLI"]
+
+#: CLI option (click keyword) -> TesseraQOptions field; None (not given) keeps the default
+TQ_CLI = {"tq_schedule": "thresholds", "tq_steps": "iterations", "tq_lr": "lr",
+          "tq_scale_lr": "scale_lr", "tq_batch": "batch_size", "tq_train_len": "train_len",
+          "tq_dst": "dst", "tq_awq_grid": "awq_grid", "no_awq": "awq", "no_clip": "clip"}
 
 
 def model_shapes(src: Any) -> dict[str, tuple[int, int]]:
@@ -68,18 +74,63 @@ def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dic
     if target == "gguf":
         if not kw.get("gguf_type"):
             raise InputError("--to gguf needs --type (e.g. Q4_K_M, Q4_0, IQ4_XS)")
+        imatrix = bool(kw.get("imatrix"))          # llama-quantize's with-imatrix rules
         plan = plan_gguf(kw["gguf_type"], src.config, model_shapes(src),
-                         pure=kw.get("pure", False), overrides=_overrides(kw.get("override", ())))
+                         pure=kw.get("pure", False), overrides=_overrides(kw.get("override", ())),
+                         imatrix=imatrix)
         return plan, {"name": kw["gguf_type"].upper(), "target": "gguf",
-                      "pure": kw.get("pure", False), "overrides": list(kw.get("override", ()))}
+                      "pure": kw.get("pure", False), "overrides": list(kw.get("override", ())),
+                      "imatrix": imatrix}
     spec = target_spec(target, kw["bits"], kw["group_size"], kw["sym"], fmt=kw.get("fmt", "ct"))
     return plan_uniform(names, spec), {"name": spec.name, "target": target}
 
 
-def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None) -> QModel:
+def _schedule(text: str) -> str | list[float]:
+    """``--tq-schedule``: ``10`` / ``20`` (named schedules) or comma-separated thresholds."""
+    if text.strip() in ("10", "20"):
+        return text.strip()
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--tq-schedule expected 10, 20 or comma-separated thresholds such as "
+                         f"0.5,0.25,0.1 (not {text!r})") from None
+
+
+def tesseraq_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    """TesseraQOptions fields set by the CLI options in ``kw`` (only those given)."""
+    out: dict[str, Any] = {}
+    for opt, fld in TQ_CLI.items():
+        v = kw.get(opt)
+        if v is None or v is False or v == "auto":
+            continue
+        if opt == "tq_schedule":
+            v = _schedule(v)
+        elif opt == "tq_dst":
+            v = v == "on"
+        elif opt in ("no_awq", "no_clip"):
+            v = False
+        out[fld] = v
+    return out
+
+
+def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None,
+             stream_to: str | Path | None = None) -> QModel:
     """Load ``model_src``, plan per-tensor grids from CLI-style options, quantize
-    (``checkpoint``: see :func:`qexport.pipeline.quantize_model`)."""
+    (``checkpoint``: see :func:`qexport.pipeline.quantize_model`).
+
+    With a checkpoint (the CLI) or ``stream_to``, every finished tensor is written at once to a
+    staging folder beside ``stream_to`` (default: the checkpoint's output) and dropped from
+    memory (:mod:`qexport.irstream`); the returned QModel reads its tensors from there, and
+    ``save_ir`` of it writes the IR without loading them. The staging folder is removed on
+    failure, after ``save_ir``, or when the QModel is garbage-collected.
+    """
     from qexport.model.load import load_model
+    tq = tesseraq_overrides(kw)
+    if tq and kw.get("method") != "tesseraq":
+        given = [f"--{k.replace('_', '-')}" for k in TQ_CLI if k in kw and
+                 kw[k] not in (None, False, "auto")]
+        raise UnsupportedError(f"{', '.join(given)}: tesseraq options, expected with --method "
+                               f"tesseraq (not {kw.get('method')})")
     src = load_model(model_src)
     plan, recipe = build_plan(src, kw)
     fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
@@ -87,7 +138,21 @@ def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None) -> QMod
     opts = QuantizeOptions(**{mapping.get(k, k): v for k, v in kw.items()
                               if mapping.get(k, k) in fields})
     opts.progress = not kw.get("quiet", False)
-    qm = quantize_model(src, plan, opts, checkpoint=checkpoint)
+    opts.tesseraq = tq
+    if stream_to is None and checkpoint is not None:
+        stream_to = getattr(checkpoint, "out", None)
+    sink = None
+    if stream_to is not None:
+        from qexport.irstream import IRStreamWriter
+        sink = IRStreamWriter(stream_to)
+        if checkpoint is not None:
+            checkpoint.sink = sink
+    try:
+        qm = quantize_model(src, plan, opts, checkpoint=checkpoint, sink=sink)
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
     qm.recipe.update(recipe)
     return qm
 

@@ -18,17 +18,19 @@ with it reproduces llama-quantize's bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from qexport.errors import InputError, UnsupportedError
+from qexport.errors import InputError, NumericsError, UnsupportedError
 from qexport.ir import QModel, QTensor
 
 __all__ = ["Imatrix", "compute_imatrix", "load_imatrix_gguf", "save_imatrix_gguf",
-           "quantize_rtn_imatrix"]
+           "quantize_rtn_imatrix", "as_stored", "imatrix_sha256", "resolve_imatrix",
+           "check_imatrix", "check_imatrix_plan"]
 
 Imatrix = dict[str, np.ndarray]        # HF weight name -> float32 [in_features]
 
@@ -79,11 +81,14 @@ def load_imatrix_gguf(path: str | os.PathLike) -> tuple[Imatrix, dict[str, Any]]
     """
     import gguf
     p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: imatrix file not found (expected a llama-imatrix GGUF file)")
     try:
         reader = gguf.GGUFReader(str(p), "r")
-    except (OSError, ValueError) as e:
-        raise InputError(f"{p}: expected a llama-imatrix GGUF file ({e})") from e
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    except (OSError, ValueError, LookupError, OverflowError) as e:
+        raise InputError(f"{p}: expected a llama-imatrix GGUF file ({e or type(e).__name__})"
+                         ) from e
     sums = {n[:-len(".in_sum2")]: v for n, v in tensors.items() if n.endswith(".in_sum2")}
     if not sums:
         raise InputError(f"{p}: expected *.in_sum2 tensors (not found; legacy .dat imatrix "
@@ -98,7 +103,11 @@ def load_imatrix_gguf(path: str | os.PathLike) -> tuple[Imatrix, dict[str, Any]]
                                    "expected 1")
         count = np.float32(c.reshape(-1)[0])
         vals = s.reshape(-1) / count if count > 0 else np.ones(s.size, dtype=np.float32)
-        out[_gguf_to_hf(gname)] = np.asarray(vals, dtype=np.float32)
+        try:
+            hf = _gguf_to_hf(gname)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"{p}: {e}") from e
+        out[hf] = np.asarray(vals, dtype=np.float32)
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
@@ -110,15 +119,17 @@ def load_imatrix_gguf(path: str | os.PathLike) -> tuple[Imatrix, dict[str, Any]]
 
 
 def save_imatrix_gguf(imatrix: Imatrix, path: str | os.PathLike, *, tokens: int,
-                      chunk_size: int, dataset: str) -> Path:
+                      chunk_size: int, dataset: str, force: bool = True) -> Path:
     """Write ``imatrix`` as a llama-imatrix GGUF file (``in_sum2 = imatrix * tokens``,
-    ``counts = tokens``) that ``llama-quantize --imatrix`` accepts."""
+    ``counts = tokens``) that ``llama-quantize --imatrix`` accepts; atomically (a temp sibling
+    renamed when complete). ``force=False`` refuses an existing ``path``.
+    :func:`load_imatrix_gguf` of it gives :func:`as_stored` ``(imatrix, tokens)``."""
     import gguf
 
     from qexport.atomic import atomic_output
     from qexport.backends.gguf.names import hf_to_gguf
     p = Path(path)
-    with atomic_output(p, is_dir=False, force=True) as tmp:
+    with atomic_output(p, is_dir=False, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="")
         try:
             w.add_type("imatrix")
@@ -127,8 +138,7 @@ def save_imatrix_gguf(imatrix: Imatrix, path: str | os.PathLike, *, tokens: int,
             w.add_uint32("imatrix.chunk_size", chunk_size)
             for name, v in imatrix.items():
                 g = hf_to_gguf(name)
-                w.add_tensor(f"{g}.in_sum2", (v.astype(np.float64) * tokens).astype(np.float32)
-                             .reshape(1, -1))
+                w.add_tensor(f"{g}.in_sum2", _sum2(v, tokens).reshape(1, -1))
                 w.add_tensor(f"{g}.counts", np.full((1, 1), tokens, dtype=np.float32))
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -136,6 +146,94 @@ def save_imatrix_gguf(imatrix: Imatrix, path: str | os.PathLike, *, tokens: int,
         finally:
             w.close()
     return p
+
+
+def _sum2(v: np.ndarray, tokens: int) -> np.ndarray:
+    """``in_sum2`` as stored: float32 of ``v * tokens`` (computed in float64)."""
+    return (np.asarray(v, dtype=np.float64) * tokens).astype(np.float32)
+
+
+def as_stored(imatrix: Imatrix, tokens: int) -> Imatrix:
+    """The values :func:`load_imatrix_gguf` reads back from :func:`save_imatrix_gguf`
+    (``in_sum2 / counts`` in float32), so that ``--imatrix auto`` and ``qexport imatrix`` +
+    ``--imatrix FILE`` quantize identically."""
+    n = np.float32(tokens)
+    return {k: (_sum2(v, tokens) / n).astype(np.float32) for k, v in imatrix.items()}
+
+
+def imatrix_sha256(imatrix: Imatrix) -> str:
+    """sha256 over the sorted names and float32 bytes of ``imatrix`` (for provenance)."""
+    h = hashlib.sha256()
+    for k in sorted(imatrix):
+        h.update(k.encode() + b"\0")
+        h.update(np.ascontiguousarray(imatrix[k], dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def resolve_imatrix(src: Any, source: str, *, calib: str | None, n_samples: int,
+                    seq_len: int, seed: int, progress: bool = True
+                    ) -> tuple[Imatrix, dict[str, Any]]:
+    """The importance matrix a run asked for: ``source`` = a llama-imatrix GGUF path, or
+    ``"auto"`` = :func:`compute_imatrix` from ``calib`` (values as a saved file would hold them).
+
+    Returns:
+        (imatrix, provenance record ``{"source", "sha256", ...}``: the file's sha256 and its
+        metadata, or the imatrix's own hash and the calibration info).
+    """
+    if source == "auto":
+        if not calib:
+            raise InputError("--imatrix auto computes the importance matrix from calibration "
+                             "text: add --calib FILE (or pass --imatrix FILE.gguf)")
+        im, info = compute_imatrix(src, calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                   progress=progress)
+        im = as_stored(im, info["tokens"])
+        return im, {"source": "auto", "sha256": imatrix_sha256(im), "entries": len(im),
+                    "calibration": info}
+    im, meta = load_imatrix_gguf(source)
+    h = hashlib.sha256()
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return im, {"source": str(source), "file": Path(source).name, "sha256": h.hexdigest(),
+                "values_sha256": imatrix_sha256(im), **meta}
+
+
+def check_imatrix_plan(plan: dict[str, Any]) -> None:
+    """UnsupportedError naming the first planned tensor that is not on a ``gguf-*`` spec: only
+    llama.cpp's quantizers take an importance matrix."""
+    for name, tp in plan.items():
+        if not tp.spec.name.startswith("gguf-"):
+            raise UnsupportedError(f"{name}: --imatrix expected a GGUF grid (llama.cpp's imatrix "
+                                   f"quantizers; not {tp.spec.name}); use --to gguf, or --method "
+                                   "gptq / leanquant with --calib for other targets")
+
+
+def check_imatrix(imatrix: Imatrix, plan: dict[str, Any], src: Any, source: str) -> None:
+    """Before any work: every planned decoder linear has an entry (llama-imatrix records all of
+    them; a missing one means an imatrix of another model) of shape ``[in]``, finite and
+    non-negative; every planned tensor is on a GGUF grid. Other planned tensors (embeddings,
+    lm_head) use their entry when present, as llama-quantize does.
+
+    Raises:
+        UnsupportedError: a planned tensor not on a ``gguf-*`` spec.
+        InputError: a missing entry or a wrong length; NumericsError: bad values.
+    """
+    check_imatrix_plan(plan)
+    linears = set(src.linear_names())
+    for name in plan:
+        v = imatrix.get(name)
+        if v is None:
+            if name in linears:
+                raise InputError(f"{name}: imatrix {source} has no entry for this tensor "
+                                 f"(expected one per decoder linear; is it for another model?)")
+            continue
+        n_in = int(src.shape(name)[1])
+        if v.shape != (n_in,):
+            raise InputError(f"{name}: imatrix {source} entry expected shape [{n_in}] "
+                             f"(not {list(v.shape)}; is it for another model?)")
+        if not (np.isfinite(v).all() and (v >= 0).all()):
+            raise NumericsError(f"{name}: imatrix {source} entry expected finite non-negative "
+                                "values")
 
 
 def quantize_rtn_imatrix(src: Any, plan: dict[str, Any], imatrix: Imatrix | None, *,

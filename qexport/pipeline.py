@@ -8,6 +8,7 @@ record the recipe and provenance.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -20,8 +21,8 @@ from qexport.specs import TensorPlan, linear_names
 
 __all__ = ["QuantizeOptions", "METHODS", "quantize_model"]
 
-METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu")
-CALIBRATED = {"gptq", "leanquant", "leanquant-nu"}
+METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq")
+CALIBRATED = {"gptq", "leanquant", "leanquant-nu", "tesseraq"}
 #: Hessian dampening (fraction of mean diag H) when --damp is not given: the reference codes'
 DEFAULT_PERCDAMP = {"gptq": 0.01, "leanquant": 0.1, "leanquant-nu": 0.1}
 
@@ -38,10 +39,12 @@ class QuantizeOptions:
     blocksize: int = 128
     percdamp: float | None = None          # None: the method's default (DEFAULT_PERCDAMP)
     p: float | None = None                 # LeanQuant exponent (aff default 2, nu default 4)
-    act_order: bool = False
+    act_order: bool | None = None          # None: on for gptq / leanquant (DEFAULT_ACT_ORDER)
     static_groups: bool = False
+    v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
     lorc_rank: int = 0
-    imatrix: bool = False
+    imatrix: str | None = None             # rtn on GGUF grids: llama-imatrix GGUF path or "auto"
+    tesseraq: dict[str, Any] = field(default_factory=dict)   # TesseraQOptions overrides
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,6 +54,30 @@ class QuantizeOptions:
                                    f"{list(METHODS)}")
         if self.method in CALIBRATED and not self.calib:
             raise UnsupportedError(f"--method {self.method} needs calibration text (--calib FILE)")
+        self._check_imatrix()
+        if self.method == "tesseraq":
+            _check_tesseraq_options(self)
+        elif self.tesseraq:
+            raise UnsupportedError(f"tesseraq options ({', '.join(sorted(self.tesseraq))}) "
+                                   f"apply to --method tesseraq only (not {self.method})")
+
+    def _check_imatrix(self) -> None:
+        """``imatrix``: None, a path (normalised to str) or "auto"; only with rtn."""
+        if self.imatrix is False:                  # the field's old boolean default
+            self.imatrix = None
+        if self.imatrix is None:
+            return
+        if not isinstance(self.imatrix, (str, os.PathLike)) or not os.fspath(self.imatrix):
+            raise UnsupportedError(f"imatrix expected a llama-imatrix GGUF path or 'auto' "
+                                   f"(not {self.imatrix!r})")
+        self.imatrix = os.fspath(self.imatrix)
+        if self.method != "rtn":
+            raise UnsupportedError(f"--imatrix applies to --method rtn (llama.cpp's imatrix "
+                                   f"quantizers), not {self.method}, which uses the full "
+                                   "calibration activations")
+        if self.imatrix == "auto" and not self.calib:
+            raise UnsupportedError("--imatrix auto computes the importance matrix from "
+                                   "calibration text: add --calib FILE")
 
 
 def _rtn(name: str, W: np.ndarray, plan: TensorPlan, imatrix: np.ndarray | None) -> QTensor:
@@ -59,8 +86,9 @@ def _rtn(name: str, W: np.ndarray, plan: TensorPlan, imatrix: np.ndarray | None)
         # --method rtn on GGUF grids reproduces llama.cpp's own reference quantizers
         from qexport.backends.gguf.llamacpp_quants import llamacpp_quantize
         spec.check_shape(W.shape, name)
-        codes, grid = llamacpp_quantize(W, spec.name[5:].upper(), imatrix)
-        return QTensor(name, codes, grid, spec, stats={"method": "llamacpp-rtn"})
+        codes, grid = llamacpp_quantize(W, spec.name[5:].upper(), imatrix, name=name)
+        method = "llamacpp-rtn" + ("+imatrix" if imatrix is not None else "")
+        return QTensor(name, codes, grid, spec, stats={"method": method})
     from qexport.methods.rtn import rtn_quantize
     return rtn_quantize(W, spec, name=name).to_qtensor(name)
 
@@ -78,6 +106,13 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int) -> None:
     qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank)
 
 
+def _act_order(opts: QuantizeOptions) -> bool:
+    """``--act-order`` as given, else on: columns in descending diag(H) order measured better on
+    the sample model (tools/bench_quality.py); the permutation is undone in the stored codes
+    (static groups), so runtimes never see a g_idx."""
+    return True if opts.act_order is None else bool(opts.act_order)
+
+
 def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
     """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``."""
     damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
@@ -85,17 +120,99 @@ def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
     if opts.method == "gptq":
         from qexport.methods.gptq import gptq_quantize
         return lambda W, H, spec, name: gptq_quantize(
-            W, H, spec, name=name, actorder=opts.act_order, static_groups=opts.static_groups,
+            W, H, spec, name=name, actorder=_act_order(opts), static_groups=opts.static_groups,
             **common)
     from qexport.methods.leanquant import leanquant_aff_quantize, leanquant_nu_quantize
     if opts.method == "leanquant":
         return lambda W, H, spec, name: leanquant_aff_quantize(
             W, H, spec, name=name, p=2.0 if opts.p is None else opts.p,
-            actorder=opts.act_order, static_groups=opts.static_groups, **common)
+            actorder=_act_order(opts), static_groups=opts.static_groups, **common)
     # LeanQuant-nu: act-order is the reference default and codebooks are static per row
     return lambda W, H, spec, name: leanquant_nu_quantize(
         W, H, spec, name=name, p=4.0 if opts.p is None else opts.p, actorder=True,
         seed=opts.seed, **common)
+
+
+#: QuantizeOptions fields that only GPTQ / LeanQuant read (refused with tesseraq, not ignored)
+_HESSIAN_ONLY = {"percdamp": (None, "--damp"), "p": (None, "--p"),
+                 "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups")}
+
+
+def _check_tesseraq_options(opts: QuantizeOptions) -> None:
+    """``opts.tesseraq`` holds only TesseraQOptions fields, valid values, no GPTQ-only options."""
+    from dataclasses import fields
+
+    from qexport.methods.tesseraq import TesseraQOptions
+    known = {f.name for f in fields(TesseraQOptions)} - {"progress"}
+    bad = sorted(set(opts.tesseraq) - known)
+    if bad:
+        raise UnsupportedError(f"unknown tesseraq option {bad[0]!r}; expected one of "
+                               f"{sorted(known)}")
+    used = [cli for k, (off, cli) in _HESSIAN_ONLY.items() if getattr(opts, k) != off]
+    if used:
+        raise UnsupportedError(f"--method tesseraq does not use {used[0]} (a GPTQ / LeanQuant "
+                               "option); leave it out")
+    _tesseraq_options(opts).check()
+
+
+def _tesseraq_options(opts: QuantizeOptions) -> Any:
+    """The :class:`TesseraQOptions` of a run: its defaults, overridden by ``opts.tesseraq``."""
+    from qexport.methods.tesseraq import TesseraQOptions
+    kw = dict(opts.tesseraq)
+    if isinstance(kw.get("thresholds"), list):
+        kw["thresholds"] = tuple(kw["thresholds"])
+    return TesseraQOptions(**kw, progress=opts.progress)
+
+
+class _FoldedSource:
+    """``src`` whose :meth:`get` returns TesseraQ's AWQ-folded passthrough tensors (norm weights,
+    v_proj biases: part of the quantized model) instead of the source's; all else delegated."""
+
+    def __init__(self, src: Any, updates: dict[str, np.ndarray]) -> None:
+        self._src, self._updates = src, updates
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self._updates:
+            return self._updates[name].copy()
+        return self._src.get(name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._src, attr)
+
+
+def _quantize_tesseraq(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
+                       finish: Callable[[str, QTensor, np.ndarray], QTensor], checkpoint: Any
+                       ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """TesseraQ (AWQ init + PAR + DST) of the planned decoder linears, block by block; each
+    finished QTensor goes through ``finish`` with its LoRC reference: the FP weight after AWQ
+    folding (what the QTensor approximates under the folded norms; original column order).
+
+    Returns:
+        (``src`` with the folded passthrough tensors, calibration info, provenance report
+        ``{"options", "blocks"}`` without wall-clock entries).
+    """
+    if checkpoint is not None and getattr(checkpoint, "resume", False):
+        raise UnsupportedError("--resume is not supported with --method tesseraq (its blocks "
+                               "carry two activation chains and folded norms that are not "
+                               "checkpointed); rerun without --resume")
+    from qexport.calib import load_calibration
+    from qexport.methods.tesseraq import tesseraq_quantize_model
+    tq = _tesseraq_options(opts)
+    samples, calib_info = load_calibration(opts.calib, src.tokenizer, n_samples=opts.n_samples,
+                                           seq_len=opts.seq_len, seed=opts.seed)
+    fp: dict[str, np.ndarray] = {}
+
+    def block_done(i: int, qts: dict[str, QTensor]) -> None:
+        for name, qt in qts.items():
+            finish(name, qt, fp.pop(name))
+
+    _, updates, report = tesseraq_quantize_model(src, plan, samples, tq,
+                                                 on_block_done=block_done, fp_weights_out=fp,
+                                                 keep_tensors=False)
+    blocks = [{k: v for k, v in b.items() if "seconds" not in str(k)}
+              for b in report["blocks"]]
+    return _FoldedSource(src, updates), calib_info, {"options": report["options"],
+                                                     "blocks": blocks}
 
 
 def _untimed(stats: dict[str, Any]) -> dict[str, Any]:
@@ -105,13 +222,16 @@ def _untimed(stats: dict[str, Any]) -> dict[str, Any]:
 
 def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                    *, on_tensor: Callable[[str, QTensor], None] | None = None,
-                   checkpoint: Any = None) -> QModel:
+                   checkpoint: Any = None, sink: Any = None) -> QModel:
     """Quantize every tensor of ``plan`` (HF names) from ``src`` (a qexport.model SourceModel).
 
     ``checkpoint``: a :class:`qexport.checkpoint.Checkpoint`; calibrated methods then save every
     finished decoder layer to it and, when it holds an interrupted run with the same settings,
     restore the finished layers and continue from the next one (same result, same bytes).
     Wall-clock timings are left out of the IR (stats and provenance) to keep it deterministic.
+    ``sink``: a :class:`qexport.irstream.IRStreamWriter`; every finished tensor is then written
+    to disk at once and dropped (memory does not grow with depth), and the returned QModel reads
+    its tensors from there.
     """
     opts.check()
     n_layers = int(src.arch.n_layers)
@@ -124,12 +244,16 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
         if opts.lorc_rank > 0:
             _add_lorc(qt, W, opts.lorc_rank)
         qt.stats = _untimed(qt.stats)
-        tensors[name] = qt
+        tensors[name] = qt if sink is None else sink.add(qt)   # sink: a small stand-in
         if on_tensor is not None:
             on_tensor(name, qt)
         return qt
 
-    if opts.method in CALIBRATED:
+    method_prov: dict[str, Any] = {}          # method-specific provenance (tesseraq, imatrix)
+    if opts.method == "tesseraq":
+        src, calib_info, method_prov["tesseraq"] = _quantize_tesseraq(src, plan, opts, finish,
+                                                                      checkpoint)
+    elif opts.method in CALIBRATED:
         import torch
 
         from qexport.calib import load_calibration, quantize_layerwise
@@ -158,24 +282,39 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                 checkpoint.save_layer(i, {n: qt for n, qt in tensors.items()
                                           if n.startswith(prefix)}, h)
         quantize_layerwise(src, samples, quantize_fn, progress=opts.progress,
-                           start_layer=start, hidden=hidden, on_layer_state=on_state)
+                           start_layer=start, hidden=hidden, on_layer_state=on_state,
+                           v_hessian=opts.v_hessian)
     else:
         from tqdm import tqdm
-        for name in tqdm(linears, desc="rtn", disable=not opts.progress, unit="tensor"):
+        imatrix: dict[str, np.ndarray] = {}
+        if opts.imatrix:
+            from qexport.imatrix import check_imatrix, check_imatrix_plan, resolve_imatrix
+            check_imatrix_plan(plan)
+            imatrix, method_prov["imatrix"] = resolve_imatrix(
+                src, opts.imatrix, calib=opts.calib, n_samples=opts.n_samples,
+                seq_len=opts.seq_len, seed=opts.seed, progress=opts.progress)
+            check_imatrix(imatrix, plan, src, opts.imatrix)
+            calib_info = method_prov["imatrix"].get("calibration", {})
+        todo = linears + [n for n in plan if n not in linears]   # + embeddings / lm_head
+        for name in tqdm(todo, desc="rtn", disable=not opts.progress, unit="tensor"):
             W = src.get(name)
             _check_finite(name, W)
-            finish(name, _rtn(name, W, plan[name], None), W)
+            finish(name, _rtn(name, W, plan[name], imatrix.get(name)), W)
     for name in plan:                                    # embeddings / lm_head etc.
         if name not in tensors:
             W = src.get(name)
             _check_finite(name, W)
             finish(name, _rtn(name, W, plan[name], None), W)
-    passthrough = {n: np.asarray(src.get(n), dtype=np.float32)
-                   for n in src.tensor_names() if n not in tensors}
     prov = {"method": opts.method, "options": {k: v for k, v in asdict(opts).items()
                                                if k not in ("progress",)},
             "calibration": calib_info, "source": getattr(src, "source", ""), "host": platform.machine()}
+    prov.update(method_prov)
     recipe = {"tensors": {n: p.to_dict() for n, p in plan.items()}}
+    if sink is not None:                # passthrough streamed too, one tensor at a time
+        return sink.finish_model(src, tensors, config=dict(src.config),
+                                 tokenizer=dict(src.tokenizer), recipe=recipe, provenance=prov)
+    passthrough = {n: np.asarray(src.get(n), dtype=np.float32)
+                   for n in src.tensor_names() if n not in tensors}
     return QModel(config=dict(src.config), tensors=tensors, passthrough=passthrough,
                   tokenizer=dict(src.tokenizer), recipe=recipe, provenance=prov)
 

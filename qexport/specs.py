@@ -84,12 +84,13 @@ def plan_uniform(names: list[str], spec: GridSpec) -> dict[str, TensorPlan]:
 
 
 def plan_gguf(recipe: str, config: dict[str, Any], shapes: dict[str, tuple[int, int]], *,
-              pure: bool = False, overrides: dict[str, str] | None = None
-              ) -> dict[str, TensorPlan]:
-    """llama-quantize's per-tensor choice for a recipe (Q4_K_M, ...) or a single type."""
+              pure: bool = False, overrides: dict[str, str] | None = None,
+              imatrix: bool = False) -> dict[str, TensorPlan]:
+    """llama-quantize's per-tensor choice for a recipe (Q4_K_M, ...) or a single type
+    (``imatrix``: its rules when an importance matrix is given)."""
     from qexport.backends.gguf.recipes import plan_recipe
     from qexport.backends.gguf.types import spec_for
-    plan = plan_recipe(recipe, config, shapes, pure=pure, overrides=overrides)
+    plan = plan_recipe(recipe, config, shapes, pure=pure, overrides=overrides, imatrix=imatrix)
     # "F16"/"F32" entries mean "keep float" (e.g. a row llama.cpp cannot block): passthrough
     return {n: TensorPlan(spec_for(p.type_name), p.reason) for n, p in plan.items()
             if p.type_name.upper() not in ("F16", "F32")}

@@ -12,9 +12,14 @@ process, and samples the process's memory from ``/proc/PID/status`` every 20 ms:
 |             | cache the kernel may drop; counted in RSS while mapped)                    |
 
 The calibration set is small (``--n-samples 16 --seq-len 256`` by default) so the run is
-quick and the activations (one layer's worth) are a small, constant part of the total. Linux only.
+quick and the activations (one layer's worth) are a small, constant part of the total.
+``--sample`` adds the sample model (sample:smollm2, a Q4_1 GGUF, 30 layers); ``--export
+TARGET`` also measures lowering each IR (``--export-only``: reuse the IRs already in --work).
+Linux only.
 
     .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem
+    .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem --export-only \
+        --export vllm
 """
 from __future__ import annotations
 
@@ -94,9 +99,37 @@ def _dir_mib(p: Path) -> float:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
 
 
+def _quantize_cmd(model: str, out: Path, calib: Path, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "qexport.cli", "quantize", model, "--method", "gptq",
+            "--bits", "4", "--group-size", str(args.group_size), "--sym", "--calib", str(calib),
+            "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "-o", str(out),
+            "--force", "--quiet"]
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[str, int, str, Path]]:
+    """(label, layers, model argument, source path) for every model to measure."""
+    cases = []
+    if args.sample:
+        from qexport.model.load import sample_path
+        cases.append(("sample:smollm2 (Q4_1 GGUF)", 30, "sample:smollm2", sample_path("smollm2")))
+    for n in args.layers:
+        p = make_model(args.work, n)
+        cases.append((f"random 576x{n} (bf16)", n, str(p), p))
+    return cases
+
+
+def _size_mib(p: Path) -> float:
+    return p.stat().st_size / 2**20 if p.is_file() else _dir_mib(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--layers", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--sample", action="store_true", help="also the sample model (30 layers)")
+    ap.add_argument("--export", default=None, choices=["gguf", "onnx", "vllm"],
+                    help="also measure `qexport export IR --to TARGET` of each IR")
+    ap.add_argument("--export-only", action="store_true",
+                    help="reuse the IRs of an earlier run in --work; measure only the export")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qexport-bench-memory"))
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -105,30 +138,36 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     calib = calib_text(args.work)
     rows = []
-    for n in args.layers:
-        model = make_model(args.work, n)
-        out = args.work / f"llama-576x{n}.qir"
-        cmd = [sys.executable, "-m", "qexport.cli", "quantize", str(model), "--method", "gptq",
-               "--bits", "4", "--group-size", str(args.group_size), "--sym", "--calib",
-               str(calib), "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
-               "-o", str(out), "--force", "--quiet"]
-        r = run_measured(cmd)
-        r.update(layers=n, model_mib=_dir_mib(model), ir_mib=_dir_mib(out))
-        rows.append(r)
-        print(f"layers {n}: {r}", file=sys.stderr, flush=True)
-    print(f"\ngptq w4g{args.group_size}, calibration {args.n_samples}x{args.seq_len}, hidden 576 "
-          "/ ffn 1536 / vocab 49152, bf16 source\n")
-    print("| layers | source MiB | IR MiB | peak RSS MiB | peak anon MiB | peak file MiB | s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for label, n, model, path in _cases(args):
+        out = args.work / f"{label.split()[0].replace(':', '-')}-{n}.qir"
+        steps = [] if args.export_only else [("quantize", _quantize_cmd(model, out, calib, args))]
+        if args.export:
+            steps.append((f"export {args.export}", [
+                sys.executable, "-m", "qexport.cli", "export", str(out), "--to", args.export,
+                "-o", str(args.work / f"{out.stem}-{args.export}"), "--force"]))
+        for step, cmd in steps:
+            r = run_measured(cmd)
+            r.update(label=label, layers=n, step=step, model_mib=_size_mib(path),
+                     ir_mib=_dir_mib(out))
+            rows.append(r)
+            print(f"{label} {step}: {r}", file=sys.stderr, flush=True)
+    print(f"\ngptq w4g{args.group_size}, calibration {args.n_samples}x{args.seq_len}; random "
+          "models: hidden 576 / ffn 1536 / vocab 49152 (the sample model's shape)\n")
+    print("| model | layers | step | source MiB | IR MiB | peak RSS MiB | peak anon MiB "
+          "| peak file MiB | s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['layers']} | {r['model_mib']:.0f} | {r['ir_mib']:.0f} | {r['peak_rss']:.0f} "
-              f"| {r['peak_anon']:.0f} | {r['peak_file']:.0f} | {r['seconds']:.0f} |")
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        per = (b["peak_rss"] - a["peak_rss"]) / (b["layers"] - a["layers"])
-        ir_per = (b["ir_mib"] - a["ir_mib"]) / (b["layers"] - a["layers"])
-        print(f"\npeak RSS growth: {per:.1f} MiB per extra layer (IR grows {ir_per:.1f} MiB "
-              "per layer)")
+        print(f"| {r['label']} | {r['layers']} | {r['step']} | {r['model_mib']:.0f} "
+              f"| {r['ir_mib']:.0f} | {r['peak_rss']:.0f} | {r['peak_anon']:.0f} "
+              f"| {r['peak_file']:.0f} | {r['seconds']:.0f} |")
+    for step in dict.fromkeys(r["step"] for r in rows):
+        rnd = [r for r in rows if r["step"] == step and r["label"].startswith("random")]
+        if len(rnd) >= 2:
+            a, b = rnd[0], rnd[-1]
+            per = (b["peak_rss"] - a["peak_rss"]) / (b["layers"] - a["layers"])
+            ir_per = (b["ir_mib"] - a["ir_mib"]) / (b["layers"] - a["layers"])
+            print(f"\n{step}: peak RSS grows {per:.1f} MiB per extra layer (the IR grows "
+                  f"{ir_per:.1f} MiB per layer)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,9 +36,21 @@ COLUMNS = {
     "GGUF IQ4_NL": ["--to", "gguf", "--type", "IQ4_NL", "--pure"],
     "GGUF Q3_K (fallbacks)": ["--to", "gguf", "--type", "Q3_K_S", "--pure"],
 }
+#: row label -> (qexport --method, extra quantize options)
+VARIANTS = {
+    "rtn": ("rtn", []),
+    "gptq": ("gptq", []),
+    "gptq, reference (--v-hessian plain --no-act-order)":
+        ("gptq", ["--v-hessian", "plain", "--no-act-order"]),
+    "leanquant": ("leanquant", []),
+    "tesseraq": ("tesseraq", []),
+    "gptq + LoRC r8": ("gptq", ["--lorc-rank", "8"]),
+}
+_FOUNDATION = ("rtn", "gptq", "gptq, reference (--v-hessian plain --no-act-order)")
 SUITES = {
-    "foundation": [("rtn", c) for c in ("W4 g128 sym", "W3 g128 asym")]
-    + [("gptq", c) for c in ("W4 g128 sym", "W3 g128 asym")],
+    "foundation": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym") for v in _FOUNDATION],
+    "methods": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
+                for v in ("leanquant", "tesseraq", "gptq + LoRC r8")],
 }
 
 
@@ -68,8 +81,9 @@ def _eval(target: str, out: Path, key: str) -> dict:
             "eval_seconds": round(wall, 1)}
 
 
-def measure(method: str, column: str, out: Path, extra: list[str]) -> dict:
-    key = f"{method}__{column}".replace(" ", "_").replace("(", "").replace(")", "")
+def measure(label: str, column: str, out: Path) -> dict:
+    method, extra = VARIANTS[label]
+    key = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{label}__{column}")
     ir = out / f"{key}.qir"
     cmd = _qexport("quantize", MODEL, "--method", method, *COLUMNS[column], *extra,
                    "--calib", str(CALIB), "--n-samples", "128", "--seq-len", "512",
@@ -80,7 +94,7 @@ def measure(method: str, column: str, out: Path, extra: list[str]) -> dict:
     man = json.loads((ir / "manifest.json").read_text())
     from qexport.inspect_cmd import ir_rows
     _, totals = ir_rows(ir)
-    res = {"method": method, "column": column, "quantize_seconds": round(wall, 1),
+    res = {"method": label, "column": column, "options": [method, *extra], "quantize_seconds": round(wall, 1),
            "peak_rss_mib": round(rss), "bpw": totals["bpw_quantized"],
            "provenance_seconds": man["provenance"].get("seconds")}
     res.update(_eval(str(ir), out, key))
@@ -124,7 +138,7 @@ def main() -> None:
         if key in results and not a.redo and "error" not in results[key]:
             continue
         print(f"== {key}", flush=True)
-        results[key] = measure(method, column, out, [])
+        results[key] = measure(method, column, out)
         rf.write_text(json.dumps(results, indent=1))
         print(json.dumps(results[key]), flush=True)
     md = table(results)

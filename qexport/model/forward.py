@@ -124,6 +124,36 @@ class _Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)
 
+    def received_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                           q_chunk: int = 256) -> torch.Tensor:
+        """Squared attention each key position receives, averaged over heads: float32 ``[B, T]``,
+        ``w[b, t] = mean_h sum_q A_h[b, q, t]^2`` (causal / sliding-window probabilities ``A``).
+
+        An error ``e_t`` in the value of token ``t`` reaches the attention output of query ``q``
+        as ``A[q, t] e_t``, so (errors of different tokens taken as uncorrelated) ``w`` weights
+        each token's value error by its effect on the attention output. Attention sinks (the
+        first token, receiving most of the attention) get weights in the hundreds. Queries are
+        processed ``q_chunk`` at a time so memory stays ``B * n_heads * q_chunk * T`` floats.
+        """
+        a = self.arch
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        window = a.sliding_window if a.sliding_window is not None else t
+        keys = torch.arange(t)[None, :]
+        w = torch.zeros(b, t, dtype=torch.float32)
+        for q0 in range(0, t, q_chunk):
+            rows = torch.arange(q0, min(q0 + q_chunk, t))[:, None]
+            allowed = (keys <= rows) & (rows - keys < window)
+            s = (q[:, :, q0:q0 + q_chunk] @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
+            p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+            w += p.square().sum(2).mean(1)
+        return w
+
 
 class _MLP(nn.Module):
     def __init__(self, lin: dict[str, nn.Linear]) -> None:
@@ -197,6 +227,11 @@ class DecoderLayer(nn.Module):
     def attn_context(self, h: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.self_attn.context(self.attn_input(h), rope)
+
+    def attn_value_weights(self, h: torch.Tensor,
+                           rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Per-token weights ``[B, T]`` for v_proj's Hessian (see ``received_attention``)."""
+        return self.self_attn.received_attention(self.attn_input(h), rope)
 
     def attn_residual(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return h + self.self_attn.o_proj(ctx)

@@ -40,23 +40,29 @@ class TensorReader(Protocol):
 
 
 class SafetensorsTensors:
-    """Tensors of an HF folder's ``*.safetensors`` files (sharded or not), by name."""
+    """Tensors of an HF folder's ``*.safetensors`` files (sharded or not), by name.
+
+    Each :meth:`read` opens the file, takes the one tensor (its own small mapping, or a copy,
+    freed with the array) and closes the file again: a handle kept open would keep every page
+    it ever read mapped (resident, counted in RSS) for the whole run, so memory would grow
+    with the model instead of staying at one tensor.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.path = str(folder)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise InputError(f"{folder}: no *.safetensors file (expected an HF model folder)")
-        self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            h = self._open(f)
-            self._handles[str(f)] = h
-            for name in h.keys():
-                if name in self._where:
-                    raise InputError(f"{folder}: tensor {name} appears in both "
-                                     f"{Path(self._where[name]).name} and {f.name}")
-                self._where[name] = str(f)
+            with self._open(f) as h:
+                for name in h.keys():
+                    if name in self._where:
+                        raise InputError(f"{folder}: tensor {name} appears in both "
+                                         f"{Path(self._where[name]).name} and {f.name}")
+                    self._where[name] = str(f)
+                    self._shapes[name] = tuple(h.get_slice(name).get_shape())
 
     @staticmethod
     def _open(f: Path) -> Any:
@@ -71,12 +77,15 @@ class SafetensorsTensors:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def read(self, name: str) -> np.ndarray:
         f = self._where[name]
         try:
-            t = self._handles[f].get_tensor(name)
+            with self._open(Path(f)) as h:
+                t = h.get_tensor(name)
+        except InputError:
+            raise
         except Exception as e:
             raise InputError(f"{f}: tensor {name} could not be read ({e})") from e
         return np.ascontiguousarray(t.float().numpy(), dtype=np.float32)
@@ -209,10 +218,47 @@ def _load_hf(folder: Path) -> SourceModel:
     return SourceModel(str(folder), config, reader, lambda: _hf_tokenizer_files(folder))
 
 
+class _PageReleasingReader:
+    """A GGUF tensor reader (whole-file read-only memmap) that, after each :meth:`read`, tells
+    the kernel the process no longer needs the mapped pages (``MADV_DONTNEED``): they stay in
+    the page cache and fault back in if read again, but are not kept resident in this process,
+    so RSS holds one tensor rather than every tensor read so far."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.path = inner.path
+
+    def names(self) -> list[str]:
+        return self._inner.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._inner.shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            return self._inner.read(name)
+        finally:
+            _release_pages(getattr(getattr(self._inner, "reader", None), "data", None))
+
+
+def _release_pages(memmap: Any) -> None:
+    """``MADV_DONTNEED`` on a read-only ``np.memmap``'s mapping (no-op where unsupported)."""
+    import mmap
+    mm = getattr(memmap, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or getattr(memmap, "mode", "r") != "r":
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):
+        pass
+
+
 def _load_gguf(path: Path, source: str) -> SourceModel:
     from qexport.model.gguf_source import GGUFTensors
     reader = GGUFTensors(path)
-    return SourceModel(source, reader.config, reader, reader.tokenizer_files)
+    return SourceModel(source, reader.config, _PageReleasingReader(reader),
+                       reader.tokenizer_files)
 
 
 def load_model(src: str | os.PathLike) -> SourceModel:

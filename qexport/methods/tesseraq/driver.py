@@ -266,7 +266,8 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
                             opts: TesseraQOptions | None = None, *,
                             on_block_done: Callable[[int, dict[str, QTensor]], None] | None = None,
                             max_blocks: int | None = None,
-                            fp_weights_out: dict[str, np.ndarray] | None = None
+                            fp_weights_out: dict[str, np.ndarray] | None = None,
+                            keep_tensors: bool = True
                             ) -> tuple[dict[str, QTensor], dict[str, np.ndarray], dict[str, Any]]:
     """TesseraQ (AWQ init + PAR + DST) of every planned decoder linear of ``src``.
 
@@ -282,6 +283,9 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
             linear's FP weight *after* AWQ folding, before clipping: the FP reference the
             QTensor approximates under the folded norms (use it, not the source weight, for a
             LoRC residual).
+        keep_tensors: False = do not collect the QTensors (the returned dict is empty): the
+            caller takes each block's from ``on_block_done`` (memory then does not grow with
+            depth).
     Returns:
         ``(tensors, passthrough_updates, stats)``: validated QTensors by HF name; float32 arrays
         that replace source passthrough tensors (norm weights and v_proj biases with the AWQ
@@ -318,7 +322,8 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
             qts, upd, st = _quantize_block(src, i, specs[i], h_fp, h_q, rope, rope_train, opts,
                                            fp_weights_out)
             st["cpu_seconds"] = round(time.process_time() - c0, 2)
-            tensors.update(qts)
+            if keep_tensors:
+                tensors.update(qts)
             updates.update(upd)
             blocks.append(st)
             if "loss_final" in st:

@@ -64,7 +64,9 @@ def check_supported(spec: GridSpec, name: str) -> None:
     """Raise UnsupportedError for grids TesseraQ cannot tune (free codebooks)."""
     if spec.kind == GridKind.CODEBOOK and (spec.free_codebook or spec.table is None):
         raise UnsupportedError(f"{name}: tesseraq expected an affine, superblock or fixed-table "
-                               f"codebook spec (not the free codebook {spec.name})")
+                               f"codebook spec (not the free codebook {spec.name}); use "
+                               "--method leanquant-nu for free codebooks, or an affine / GGUF "
+                               "grid with tesseraq")
 
 
 def fit_grid(spec: GridSpec, W: np.ndarray, name: str = "tensor") -> Grid:

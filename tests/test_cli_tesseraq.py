@@ -1,0 +1,234 @@
+"""``qexport quantize/convert --method tesseraq``: the IR lowers bit-exactly (``qexport verify``) to
+GGUF, ONNX and vLLM; block losses and model outputs beat RTN; AWQ scales are folded into the
+exported norms; LoRC takes the folded FP weights as reference (oracle: transformers' fp32 model
+of the source); what tesseraq cannot do (``--resume``, free codebooks, GPTQ options) is refused
+with one line and exit 2, nothing written.
+
+Calibration: 8 windows x 32 tokens of Python source (the tiny tokenizer's domain), the 10-round
+schedule x 8 steps, a 4-point AWQ search: a few seconds per run on one core.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from qexport.irio import load_ir
+from qexport.model import load_model
+
+pytestmark = pytest.mark.slow
+
+TQ_FAST = ["--method", "tesseraq", "--n-samples", "8", "--seq-len", "32", "--tq-schedule", "10",
+           "--tq-steps", "8", "--tq-awq-grid", "4", "--quiet"]
+
+
+def run_cli(*args: Any) -> Result:
+    from qexport.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(res: Result, folder: Path, before: dict[str, str], *needles: str) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    assert snapshot(folder) == before, "something was written"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
+    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(text[:60000], encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Random Llama with every linear's smaller side 64 (so LoRC rank 64 is full rank)."""
+    from qexport.testing import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("small"), "llama", hidden=64,
+                           intermediate=128, layers=2, heads=2, kv_heads=2,
+                           tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def q4_0(tiny_llama: Path, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tesseraq run onto GGUF Q4_0 (pure): IR folder + .gguf, and the RTN IR beside it."""
+    d = tmp_path_factory.mktemp("tq-q4_0")
+    res = run_cli("convert", tiny_llama, "--to", "gguf", "--type", "Q4_0", "--pure", *TQ_FAST,
+                  "--calib", calib, "--save-ir", d / "tq.qir", "-o", d / "tq.gguf")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    res = run_cli("quantize", tiny_llama, "--to", "gguf", "--type", "Q4_0", "--pure",
+                  "--method", "rtn", "--quiet", "-o", d / "rtn.qir")
+    assert res.exit_code == 0, res.stderr
+    return {"dir": d, "ir": d / "tq.qir", "gguf": d / "tq.gguf", "rtn": d / "rtn.qir"}
+
+
+def _hf_logits(model_dir: Path, sd: dict[str, np.ndarray], ids: torch.Tensor) -> torch.Tensor:
+    """Oracle: transformers' fp32 model of ``model_dir``'s config with ``sd`` loaded strictly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    m.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in sd.items()},
+                      strict=True)
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def _ids(calib: Path, model: Path, n: int = 4, t: int = 32) -> torch.Tensor:
+    from qexport.calib import load_calibration
+    src = load_model(model)
+    return load_calibration(calib, src.tokenizer, n_samples=n, seq_len=t, seed=7)[0]
+
+
+def test_gguf_is_bit_exact_under_verify(q4_0):
+    res = run_cli("verify", q4_0["gguf"], "--ir", q4_0["ir"])
+    assert res.exit_code == 0, res.output
+    assert "OK: artifact matches the IR" in res.output
+    qm = load_ir(q4_0["ir"])
+    lin = [n for n in qm.tensors if n.startswith("model.layers.")]
+    assert len(lin) == 14 and all(qm.tensors[n].stats["method"] == "tesseraq" for n in lin)
+    assert qm.tensors["lm_head.weight"].stats["method"] == "llamacpp-rtn"
+
+
+def test_block_losses_and_model_output_beat_rtn(q4_0, tiny_llama, calib):
+    qm = load_ir(q4_0["ir"])
+    blocks = qm.provenance["tesseraq"]["blocks"]
+    assert [b["layer"] for b in blocks] == [0, 1]
+    for b in blocks:
+        assert b["loss_final"] < b["loss_rtn"], b
+        assert b["loss_final"] < b["loss_awq_rtn"], b
+        assert not any("seconds" in k for k in b)          # the IR stays deterministic
+    qt = qm.tensors["model.layers.1.mlp.down_proj.weight"]
+    assert qt.stats["block_loss"] == blocks[1]["loss_final"]
+    # independent check on held-out windows: logits closer to the FP model than llama.cpp RTN
+    ids = _ids(calib, tiny_llama)
+    src = load_model(tiny_llama)
+    ref = _hf_logits(tiny_llama, src.state_dict(), ids)
+    err = {k: float((_hf_logits(tiny_llama, load_ir(q4_0[k]).state_dict(), ids) - ref)
+                    .square().mean()) for k in ("ir", "rtn")}
+    assert err["ir"] < err["rtn"], err
+
+
+def test_awq_scales_are_folded_into_exported_norms(q4_0, tiny_llama):
+    """The folded norms are in the IR and the GGUF (verify compared them), and they are what
+    makes the quantized weights right: with the source norms the model is much worse."""
+    qm = load_ir(q4_0["ir"])
+    src = load_model(tiny_llama)
+    moved = [n for n in qm.passthrough if n.endswith("layernorm.weight")
+             and not np.array_equal(qm.passthrough[n], src.get(n))]
+    ratios = [b["awq"]["scales"]["qkv"]["ratio"] for b in qm.provenance["tesseraq"]["blocks"]]
+    assert any(r > 0 for r in ratios) and moved, (ratios, moved)
+    assert np.array_equal(qm.passthrough["model.norm.weight"], src.get("model.norm.weight"))
+
+
+def test_provenance_records_schedule_and_calibration(q4_0, calib):
+    prov = load_ir(q4_0["ir"]).provenance
+    assert prov["method"] == "tesseraq"
+    assert prov["options"]["tesseraq"] == {"thresholds": "10", "iterations": 8, "awq_grid": 4}
+    resolved = prov["tesseraq"]["options"]
+    assert resolved["iterations"] == 8 and resolved["awq_grid"] == 4 and resolved["awq"]
+    assert len(resolved["thresholds"]) == 10
+    assert prov["calibration"]["text_sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    json.dumps(prov)                                      # JSON-able as written
+
+
+@pytest.mark.parametrize("model,target", [
+    ("tiny_llama", ["--to", "gguf", "--type", "Q4_K_S", "--pure", "--no-clip"]),  # rows of 256
+    ("small_llama", ["--to", "gguf", "--type", "IQ4_NL", "--pure", "--tq-dst", "off"]),
+    ("small_llama", ["--to", "onnx", "--bits", "4", "--group-size", "32", "--asym"]),
+    ("small_llama", ["--to", "vllm", "--bits", "4", "--group-size", "32", "--sym"]),
+], ids=["gguf-q4_k", "gguf-iq4_nl", "onnx", "vllm"])
+def test_every_target_lowers_bit_exactly(model, target, calib, tmp_path, request):
+    out = tmp_path / "out"
+    res = run_cli("convert", request.getfixturevalue(model), *target, *TQ_FAST, "--tq-steps",
+                  "2", "--calib", calib, "--save-ir", tmp_path / "ir", "-o", out)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    res = run_cli("verify", out, "--ir", tmp_path / "ir")
+    assert res.exit_code == 0, res.output
+    qm = load_ir(tmp_path / "ir")
+    assert qm.tensors["model.layers.0.self_attn.q_proj.weight"].stats["method"] == "tesseraq"
+
+
+def test_lorc_reference_is_the_folded_fp_weight(small_llama, calib, tmp_path):
+    """Full-rank LoRC on top of tesseraq rebuilds the *source* model's function (with the
+    folded norms) to fp16-factor round-off; residuals against the unfolded source weights
+    would not (the AWQ scales would be applied twice)."""
+    res = run_cli("quantize", small_llama, "--bits", "3", "--group-size", "32", "--asym",
+                  *TQ_FAST, "--tq-steps", "2", "--lorc-rank", "64", "--calib", calib,
+                  "-o", tmp_path / "ir")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    qm = load_ir(tmp_path / "ir")
+    assert all(qt.residual is not None for n, qt in qm.tensors.items()
+               if n.startswith("model.layers."))
+    src = load_model(small_llama)
+    ids = _ids(calib, small_llama, n=2)
+    ref = _hf_logits(small_llama, src.state_dict(), ids)
+    full = _hf_logits(small_llama, qm.state_dict(with_residual=True), ids)
+    bare = _hf_logits(small_llama, qm.state_dict(with_residual=False), ids)
+    assert (full - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert float((full - ref).square().mean()) < 1e-3 * float((bare - ref).square().mean())
+    # the wrong reference: source weights + folded norms
+    wrong = qm.state_dict(with_residual=False)
+    wrong.update({n: src.get(n) for n in qm.tensors if n.startswith("model.layers.")})
+    bad = _hf_logits(small_llama, wrong, ids)
+    assert float((bad - ref).square().mean()) > 100 * float((full - ref).square().mean())
+
+
+def test_resume_is_refused(tiny_llama, calib, tmp_path):
+    before = snapshot(tmp_path)
+    res = run_cli("quantize", tiny_llama, *TQ_FAST, "--calib", calib, "--resume",
+                  "-o", tmp_path / "ir")
+    one_error_line(res, tmp_path, before, "--resume", "tesseraq")
+    res = run_cli("convert", tiny_llama, "--to", "gguf", "--type", "Q4_0", *TQ_FAST,
+                  "--calib", calib, "--resume", "-o", tmp_path / "m.gguf")
+    one_error_line(res, tmp_path, before, "--resume", "tesseraq")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--grid", "codebook-w3row"], ["model.layers.0.self_attn.q_proj.weight", "leanquant-nu"]),
+    (["--damp", "0.1"], ["--damp", "tesseraq"]),
+    (["--act-order"], ["--act-order", "tesseraq"]),
+    (["--tq-schedule", "0.5,x"], ["--tq-schedule"]),
+    (["--tq-schedule", "0.5,1.5"], ["thresholds", "(0, 1)"]),
+], ids=["free-codebook", "damp", "act-order", "schedule-syntax", "schedule-range"])
+def test_bad_settings_are_refused(args, needles, tiny_llama, calib, tmp_path):
+    before = snapshot(tmp_path)
+    res = run_cli("quantize", tiny_llama, *TQ_FAST, *args, "--calib", calib,
+                  "-o", tmp_path / "ir")
+    one_error_line(res, tmp_path, before, *needles)
+
+
+def test_tesseraq_options_need_tesseraq(tiny_llama, tmp_path):
+    before = snapshot(tmp_path)
+    res = run_cli("quantize", tiny_llama, "--method", "rtn", "--tq-steps", "4", "--quiet",
+                  "-o", tmp_path / "ir")
+    one_error_line(res, tmp_path, before, "--tq-steps", "--method tesseraq")
+    res = run_cli("quantize", tiny_llama, "--method", "tesseraq", "--quiet", "-o", tmp_path / "ir")
+    one_error_line(res, tmp_path, before, "--calib")
