@@ -144,14 +144,17 @@ class _Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
         window = a.sliding_window if a.sliding_window is not None else t
-        keys = torch.arange(t)[None, :]
+        kt = k.transpose(-1, -2) * (1.0 / math.sqrt(a.head_dim))      # [B, heads, hd, T]
         w = torch.zeros(b, t, dtype=torch.float32)
         for q0 in range(0, t, q_chunk):
-            rows = torch.arange(q0, min(q0 + q_chunk, t))[:, None]
-            allowed = (keys <= rows) & (rows - keys < window)
-            s = (q[:, :, q0:q0 + q_chunk] @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
-            p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
-            w += p.square().sum(2).mean(1)
+            q1 = min(q0 + q_chunk, t)
+            k0 = max(0, q0 - window + 1)          # keys no query of the chunk can see: skipped
+            rows = torch.arange(q0, q1)[:, None]
+            keys = torch.arange(k0, q1)[None, :]
+            bias = torch.zeros(q1 - q0, q1 - k0).masked_fill_(
+                (keys > rows) | (rows - keys >= window), float("-inf"))
+            p = torch.softmax(q[:, :, q0:q1] @ kt[..., k0:q1] + bias, dim=-1)
+            w[:, k0:q1] += p.mul_(p).sum(2).mean(1)
         return w
 
 
