@@ -146,7 +146,8 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="GPTQ lazy-update block."),
         click.option("--act-order/--no-act-order", default=None,
                      help="gptq/leanquant: quantize columns by descending diag(H), with static "
-                          "groups so the stored codes keep the original order [default: on]."),
+                          "groups so the stored codes keep the original order [default: on "
+                          "for gptq, off for leanquant]."),
         click.option("--static-groups", is_flag=True, help="GPTQ: fit all group grids up front."),
         click.option("--v-hessian", default="attention", show_default=True,
                      type=click.Choice(["attention", "plain"]),

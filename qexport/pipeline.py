@@ -39,7 +39,7 @@ class QuantizeOptions:
     blocksize: int = 128
     percdamp: float | None = None          # None: the method's default (DEFAULT_PERCDAMP)
     p: float | None = None                 # LeanQuant exponent (aff default 2, nu default 4)
-    act_order: bool | None = None          # None: on for gptq / leanquant (DEFAULT_ACT_ORDER)
+    act_order: bool | None = None          # None: the method's DEFAULT_ACT_ORDER
     static_groups: bool = False
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
     lorc_rank: int = 0
@@ -106,11 +106,18 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int) -> None:
     qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank)
 
 
+#: act-order when --act-order/--no-act-order is not given. gptq: on (measured better on the
+#: sample model, README Results); leanquant: off as in session-1 measurements (not re-measured).
+DEFAULT_ACT_ORDER = {"gptq": True, "leanquant": False}
+
+
 def _act_order(opts: QuantizeOptions) -> bool:
-    """``--act-order`` as given, else on: columns in descending diag(H) order measured better on
-    the sample model (tools/bench_quality.py); the permutation is undone in the stored codes
-    (static groups), so runtimes never see a g_idx."""
-    return True if opts.act_order is None else bool(opts.act_order)
+    """``--act-order`` as given, else :data:`DEFAULT_ACT_ORDER`. With groups, act-order uses
+    static groups, so the stored codes keep the original column order and runtimes never see a
+    g_idx."""
+    if opts.act_order is None:
+        return DEFAULT_ACT_ORDER.get(opts.method, False)
+    return bool(opts.act_order)
 
 
 def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
