@@ -1,7 +1,9 @@
 """Shared pytest fixtures: tiny generated models (cached per session), seeded RNG, data paths."""
 from __future__ import annotations
 
+import glob
 import os
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,13 @@ def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory, tokenizer_dir) -> Path:
     return _tiny(tmp_path_factory, tokenizer_dir, "mistral")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~60 KB of Python stdlib source (the tiny tokenizer's own training domain)."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
+    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(text[:60000], encoding="utf-8")
+    return p

@@ -8,17 +8,13 @@ squared input activation per column); bad files -> exit 2, one line, nothing wri
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
-import sysconfig
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from clihelp import assert_clean_failure, run_cli, snapshot
 
 from qexport.backends.gguf.llamacpp_quants import llamacpp_quantize
 from qexport.irio import load_ir
@@ -29,35 +25,6 @@ GGUF_LIN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 COUNT = 1536
-
-
-def run_cli(*args: Any) -> Result:
-    from qexport.cli import main
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(res: Result, folder: Path, before: dict[str, str], *needles: str) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    assert snapshot(folder) == before, "something was written"
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
-    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(text[:60000], encoding="utf-8")
-    return p
 
 
 def write_imatrix(path: Path, sums: dict[str, np.ndarray], counts: dict[str, float],
@@ -167,12 +134,12 @@ def _hook_imatrix(model: Path, ids: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_imatrix_command_auto_and_file_agree(tiny_llama, calib, tmp_path):
+def test_imatrix_command_auto_and_file_agree(tiny_llama, calib_file, tmp_path):
     import gguf
 
     from qexport.calib import load_calibration
     f = tmp_path / "tiny.imatrix.gguf"
-    res = run_cli("imatrix", tiny_llama, "--calib", calib, "--n-samples", "4", "--seq-len", "32",
+    res = run_cli("imatrix", tiny_llama, "--calib", calib_file, "--n-samples", "4", "--seq-len", "32",
                   "--quiet", "-o", f)
     assert res.exit_code == 0, (res.stderr, res.exception)
     r = gguf.GGUFReader(str(f))
@@ -181,7 +148,7 @@ def test_imatrix_command_auto_and_file_agree(tiny_llama, calib, tmp_path):
     assert sorted(n for n in data if n.endswith(".in_sum2")) == sorted(
         f"blk.{i}.{g}.weight.in_sum2" for i in range(2) for g in GGUF_LIN)
     assert all(v[0] == 128 for n, v in data.items() if n.endswith(".counts"))
-    ids = load_calibration(calib, load_model(tiny_llama).tokenizer, n_samples=4, seq_len=32,
+    ids = load_calibration(calib_file, load_model(tiny_llama).tokenizer, n_samples=4, seq_len=32,
                            seed=0)[0]
     want = _hook_imatrix(tiny_llama, ids)
     for g in (n[:-len(".in_sum2")] for n in data if n.endswith(".in_sum2")):
@@ -192,7 +159,7 @@ def test_imatrix_command_auto_and_file_agree(tiny_llama, calib, tmp_path):
               "--n-samples", "4", "--seq-len", "32"]
     assert run_cli("quantize", tiny_llama, *common, "--imatrix", f, "-o",
                    tmp_path / "file.qir").exit_code == 0
-    res = run_cli("quantize", tiny_llama, *common, "--imatrix", "auto", "--calib", calib,
+    res = run_cli("quantize", tiny_llama, *common, "--imatrix", "auto", "--calib", calib_file,
                   "-o", tmp_path / "auto.qir")
     assert res.exit_code == 0, (res.stderr, res.exception)
     a, b = load_ir(tmp_path / "auto.qir"), load_ir(tmp_path / "file.qir")
@@ -200,12 +167,12 @@ def test_imatrix_command_auto_and_file_agree(tiny_llama, calib, tmp_path):
     assert a.provenance["imatrix"]["sha256"] == b.provenance["imatrix"]["values_sha256"]
     assert a.provenance["imatrix"]["source"] == "auto"
     assert a.provenance["calibration"]["text_sha256"] == hashlib.sha256(
-        calib.read_bytes()).hexdigest()
+        calib_file.read_bytes()).hexdigest()
     # an existing output is refused without --force
     before = snapshot(tmp_path)
-    res = run_cli("imatrix", tiny_llama, "--calib", calib, "--n-samples", "4", "--seq-len",
+    res = run_cli("imatrix", tiny_llama, "--calib", calib_file, "--n-samples", "4", "--seq-len",
                   "32", "--quiet", "-o", f)
-    one_error_line(res, tmp_path, before, str(f), "--force")
+    assert_clean_failure(res, tmp_path, before, str(f), "--force")
 
 
 def _bad_files(folder: Path, model: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -251,7 +218,7 @@ def test_bad_imatrix_file_exit_2_nothing_written(case, tiny_llama, tmp_path):
     before = snapshot(tmp_path)
     res = run_cli("convert", tiny_llama, "--to", "gguf", "--type", "Q4_K_M", "--method", "rtn",
                   "--imatrix", path, "--quiet", "-o", tmp_path / "m.gguf")
-    one_error_line(res, tmp_path, before, *needles)
+    assert_clean_failure(res, tmp_path, before, *needles)
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -260,16 +227,16 @@ def test_bad_imatrix_file_exit_2_nothing_written(case, tiny_llama, tmp_path):
     (["--to", "gguf", "--type", "Q4_0", "--method", "gptq", "--calib", "CALIB"],
      ["--imatrix", "rtn"]),
 ], ids=["onnx-target", "gptq"])
-def test_imatrix_refused_where_it_cannot_apply(args, needles, tiny_llama, imat, calib,
+def test_imatrix_refused_where_it_cannot_apply(args, needles, tiny_llama, imat, calib_file,
                                                tmp_path):
     before = snapshot(tmp_path)
-    args = [str(calib) if a == "CALIB" else a for a in args]
+    args = [str(calib_file) if a == "CALIB" else a for a in args]
     res = run_cli("convert", tiny_llama, *args, "--imatrix", imat["path"], "--quiet",
                   "-o", tmp_path / "out")
-    one_error_line(res, tmp_path, before, *needles)
+    assert_clean_failure(res, tmp_path, before, *needles)
     res = run_cli("quantize", tiny_llama, "--to", "gguf", "--type", "Q4_0", "--method", "rtn",
                   "--imatrix", "auto", "--quiet", "-o", tmp_path / "ir")
-    one_error_line(res, tmp_path, before, "--calib")
+    assert_clean_failure(res, tmp_path, before, "--calib")
 
 
 def test_with_imatrix_recipe_rules():

@@ -9,18 +9,14 @@ schedule x 8 steps, a 4-point AWQ search: a few seconds per run on one core.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import sysconfig
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from clihelp import assert_clean_failure, run_cli, snapshot
 
 from qexport.irio import load_ir
 from qexport.model import load_model
@@ -29,35 +25,6 @@ pytestmark = pytest.mark.slow
 
 TQ_FAST = ["--method", "tesseraq", "--n-samples", "8", "--seq-len", "32", "--tq-schedule", "10",
            "--tq-steps", "8", "--tq-awq-grid", "4", "--quiet"]
-
-
-def run_cli(*args: Any) -> Result:
-    from qexport.cli import main
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(res: Result, folder: Path, before: dict[str, str], *needles: str) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    assert snapshot(folder) == before, "something was written"
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
-    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(text[:60000], encoding="utf-8")
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +45,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def q4_0(tiny_llama: Path, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def q4_0(tiny_llama: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tesseraq run onto GGUF Q4_0 (pure): IR folder + .gguf, and the RTN IR beside it."""
     d = tmp_path_factory.mktemp("tq-q4_0")
     res = run_cli("convert", tiny_llama, "--to", "gguf", "--type", "Q4_0", "--pure", *TQ_FAST,
-                  "--calib", calib, "--save-ir", d / "tq.qir", "-o", d / "tq.gguf")
+                  "--calib", calib_file, "--save-ir", d / "tq.qir", "-o", d / "tq.gguf")
     assert res.exit_code == 0, (res.stderr, res.exception)
     res = run_cli("quantize", tiny_llama, "--to", "gguf", "--type", "Q4_0", "--pure",
                   "--method", "rtn", "--quiet", "-o", d / "rtn.qir")
@@ -101,10 +68,10 @@ def _hf_logits(model_dir: Path, sd: dict[str, np.ndarray], ids: torch.Tensor) ->
         return m(ids).logits
 
 
-def _ids(calib: Path, model: Path, n: int = 4, t: int = 32) -> torch.Tensor:
+def _ids(calib_file: Path, model: Path, n: int = 4, t: int = 32) -> torch.Tensor:
     from qexport.calib import load_calibration
     src = load_model(model)
-    return load_calibration(calib, src.tokenizer, n_samples=n, seq_len=t, seed=7)[0]
+    return load_calibration(calib_file, src.tokenizer, n_samples=n, seq_len=t, seed=7)[0]
 
 
 def test_gguf_is_bit_exact_under_verify(q4_0):
@@ -117,7 +84,7 @@ def test_gguf_is_bit_exact_under_verify(q4_0):
     assert qm.tensors["lm_head.weight"].stats["method"] == "llamacpp-rtn"
 
 
-def test_block_losses_and_model_output_beat_rtn(q4_0, tiny_llama, calib):
+def test_block_losses_and_model_output_beat_rtn(q4_0, tiny_llama, calib_file):
     qm = load_ir(q4_0["ir"])
     blocks = qm.provenance["tesseraq"]["blocks"]
     assert [b["layer"] for b in blocks] == [0, 1]
@@ -128,7 +95,7 @@ def test_block_losses_and_model_output_beat_rtn(q4_0, tiny_llama, calib):
     qt = qm.tensors["model.layers.1.mlp.down_proj.weight"]
     assert qt.stats["block_loss"] == blocks[1]["loss_final"]
     # independent check on held-out windows: logits closer to the FP model than llama.cpp RTN
-    ids = _ids(calib, tiny_llama)
+    ids = _ids(calib_file, tiny_llama)
     src = load_model(tiny_llama)
     ref = _hf_logits(tiny_llama, src.state_dict(), ids)
     err = {k: float((_hf_logits(tiny_llama, load_ir(q4_0[k]).state_dict(), ids) - ref)
@@ -148,14 +115,14 @@ def test_awq_scales_are_folded_into_exported_norms(q4_0, tiny_llama):
     assert np.array_equal(qm.passthrough["model.norm.weight"], src.get("model.norm.weight"))
 
 
-def test_provenance_records_schedule_and_calibration(q4_0, calib):
+def test_provenance_records_schedule_and_calibration(q4_0, calib_file):
     prov = load_ir(q4_0["ir"]).provenance
     assert prov["method"] == "tesseraq"
     assert prov["options"]["tesseraq"] == {"thresholds": "10", "iterations": 8, "awq_grid": 4}
     resolved = prov["tesseraq"]["options"]
     assert resolved["iterations"] == 8 and resolved["awq_grid"] == 4 and resolved["awq"]
     assert len(resolved["thresholds"]) == 10
-    assert prov["calibration"]["text_sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert prov["calibration"]["text_sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
     json.dumps(prov)                                      # JSON-able as written
 
 
@@ -165,10 +132,10 @@ def test_provenance_records_schedule_and_calibration(q4_0, calib):
     ("small_llama", ["--to", "onnx", "--bits", "4", "--group-size", "32", "--asym"]),
     ("small_llama", ["--to", "vllm", "--bits", "4", "--group-size", "32", "--sym"]),
 ], ids=["gguf-q4_k", "gguf-iq4_nl", "onnx", "vllm"])
-def test_every_target_lowers_bit_exactly(model, target, calib, tmp_path, request):
+def test_every_target_lowers_bit_exactly(model, target, calib_file, tmp_path, request):
     out = tmp_path / "out"
     res = run_cli("convert", request.getfixturevalue(model), *target, *TQ_FAST, "--tq-steps",
-                  "2", "--calib", calib, "--save-ir", tmp_path / "ir", "-o", out)
+                  "2", "--calib", calib_file, "--save-ir", tmp_path / "ir", "-o", out)
     assert res.exit_code == 0, (res.stderr, res.exception)
     res = run_cli("verify", out, "--ir", tmp_path / "ir")
     assert res.exit_code == 0, res.output
@@ -176,19 +143,19 @@ def test_every_target_lowers_bit_exactly(model, target, calib, tmp_path, request
     assert qm.tensors["model.layers.0.self_attn.q_proj.weight"].stats["method"] == "tesseraq"
 
 
-def test_lorc_reference_is_the_folded_fp_weight(small_llama, calib, tmp_path):
+def test_lorc_reference_is_the_folded_fp_weight(small_llama, calib_file, tmp_path):
     """Full-rank LoRC on top of tesseraq rebuilds the *source* model's function (with the
     folded norms) to fp16-factor round-off; residuals against the unfolded source weights
     would not (the AWQ scales would be applied twice)."""
     res = run_cli("quantize", small_llama, "--bits", "3", "--group-size", "32", "--asym",
-                  *TQ_FAST, "--tq-steps", "2", "--lorc-rank", "64", "--calib", calib,
+                  *TQ_FAST, "--tq-steps", "2", "--lorc-rank", "64", "--calib", calib_file,
                   "-o", tmp_path / "ir")
     assert res.exit_code == 0, (res.stderr, res.exception)
     qm = load_ir(tmp_path / "ir")
     assert all(qt.residual is not None for n, qt in qm.tensors.items()
                if n.startswith("model.layers."))
     src = load_model(small_llama)
-    ids = _ids(calib, small_llama, n=2)
+    ids = _ids(calib_file, small_llama, n=2)
     ref = _hf_logits(small_llama, src.state_dict(), ids)
     full = _hf_logits(small_llama, qm.state_dict(with_residual=True), ids)
     bare = _hf_logits(small_llama, qm.state_dict(with_residual=False), ids)
@@ -201,14 +168,14 @@ def test_lorc_reference_is_the_folded_fp_weight(small_llama, calib, tmp_path):
     assert float((bad - ref).square().mean()) > 100 * float((full - ref).square().mean())
 
 
-def test_resume_is_refused(tiny_llama, calib, tmp_path):
+def test_resume_is_refused(tiny_llama, calib_file, tmp_path):
     before = snapshot(tmp_path)
-    res = run_cli("quantize", tiny_llama, *TQ_FAST, "--calib", calib, "--resume",
+    res = run_cli("quantize", tiny_llama, *TQ_FAST, "--calib", calib_file, "--resume",
                   "-o", tmp_path / "ir")
-    one_error_line(res, tmp_path, before, "--resume", "tesseraq")
+    assert_clean_failure(res, tmp_path, before, "--resume", "tesseraq")
     res = run_cli("convert", tiny_llama, "--to", "gguf", "--type", "Q4_0", *TQ_FAST,
-                  "--calib", calib, "--resume", "-o", tmp_path / "m.gguf")
-    one_error_line(res, tmp_path, before, "--resume", "tesseraq")
+                  "--calib", calib_file, "--resume", "-o", tmp_path / "m.gguf")
+    assert_clean_failure(res, tmp_path, before, "--resume", "tesseraq")
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -218,17 +185,17 @@ def test_resume_is_refused(tiny_llama, calib, tmp_path):
     (["--tq-schedule", "0.5,x"], ["--tq-schedule"]),
     (["--tq-schedule", "0.5,1.5"], ["thresholds", "(0, 1)"]),
 ], ids=["free-codebook", "damp", "act-order", "schedule-syntax", "schedule-range"])
-def test_bad_settings_are_refused(args, needles, tiny_llama, calib, tmp_path):
+def test_bad_settings_are_refused(args, needles, tiny_llama, calib_file, tmp_path):
     before = snapshot(tmp_path)
-    res = run_cli("quantize", tiny_llama, *TQ_FAST, *args, "--calib", calib,
+    res = run_cli("quantize", tiny_llama, *TQ_FAST, *args, "--calib", calib_file,
                   "-o", tmp_path / "ir")
-    one_error_line(res, tmp_path, before, *needles)
+    assert_clean_failure(res, tmp_path, before, *needles)
 
 
 def test_tesseraq_options_need_tesseraq(tiny_llama, tmp_path):
     before = snapshot(tmp_path)
     res = run_cli("quantize", tiny_llama, "--method", "rtn", "--tq-steps", "4", "--quiet",
                   "-o", tmp_path / "ir")
-    one_error_line(res, tmp_path, before, "--tq-steps", "--method tesseraq")
+    assert_clean_failure(res, tmp_path, before, "--tq-steps", "--method tesseraq")
     res = run_cli("quantize", tiny_llama, "--method", "tesseraq", "--quiet", "-o", tmp_path / "ir")
-    one_error_line(res, tmp_path, before, "--calib")
+    assert_clean_failure(res, tmp_path, before, "--calib")

@@ -1,22 +1,9 @@
 """Reliability-test fixtures: calibration text in the tiny tokenizer's domain."""
 from __future__ import annotations
 
-import glob
-import os
-import sysconfig
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~60 KB of Python stdlib source (the tiny tokenizer's own training domain)."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
-    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(text[:60000], encoding="utf-8")
-    return p
 
 
 @pytest.fixture(scope="session")

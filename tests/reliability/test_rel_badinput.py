@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from relhelp import GPTQ_FAST, RTN_FAST, assert_clean_failure, run_cli, snapshot
+from clihelp import GPTQ_FAST, RTN_FAST, assert_clean_failure, run_cli, snapshot
 
 
 @pytest.fixture

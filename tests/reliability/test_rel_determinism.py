@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from relhelp import GPTQ_FAST, run_cli, snapshot
+from clihelp import GPTQ_FAST, run_cli, snapshot
 
 # target -> (output name, extra files/folders written beside it)
 TARGETS = {"gguf": ("m.gguf", ["m.lora.gguf"]), "onnx": ("m-onnx", []),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from relhelp import RTN_FAST, run_cli
+from clihelp import RTN_FAST, run_cli
 
 from qexport.errors import QExportError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from relhelp import GPTQ_FAST, run_cli
+from clihelp import GPTQ_FAST, run_cli
 
 RTN_Q40 = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--sym"]
 

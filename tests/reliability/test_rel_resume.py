@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from relhelp import GPTQ_FAST, run_cli, snapshot
+from clihelp import GPTQ_FAST, run_cli, snapshot
 
 
 def _partial(out: Path) -> Path:
