@@ -74,7 +74,10 @@ def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dic
     if target == "gguf":
         if not kw.get("gguf_type"):
             raise InputError("--to gguf needs --type (e.g. Q4_K_M, Q4_0, IQ4_XS)")
-        imatrix = bool(kw.get("imatrix"))          # llama-quantize's with-imatrix rules
+        # llama-quantize's with-imatrix rules whenever activations inform the codes (an
+        # imatrix, or a calibrated method), so that the peer is llama-quantize --imatrix
+        from qexport.pipeline import CALIBRATED
+        imatrix = bool(kw.get("imatrix")) or kw.get("method") in CALIBRATED
         plan = plan_gguf(kw["gguf_type"], src.config, model_shapes(src),
                          pure=kw.get("pure", False), overrides=_overrides(kw.get("override", ())),
                          imatrix=imatrix)

@@ -255,3 +255,24 @@ def test_with_imatrix_recipe_rules():
     assert plan_gguf("Q4_0", cfg, shapes, imatrix=True)[down].spec.name == "gguf-q4_1"
     assert plan_gguf("Q4_0", cfg, shapes, imatrix=True)[
         "model.layers.2.mlp.down_proj.weight"].spec.name == "gguf-q4_0"
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "IQ4_NL", "Q4_K_M"])
+def test_calibrated_methods_plan_with_imatrix_rules(tmp_path, tokenizer_dir, gguf_type):
+    """gptq / leanquant / tesseraq get llama-quantize's with-imatrix recipe (same tensor types as
+    the rtn + imatrix plan, their peer), rtn without an imatrix the plain one."""
+    from qexport.commands import build_plan
+    from qexport.testing import make_tiny_model
+    deep = make_tiny_model(tmp_path / "deep", "llama", hidden=64, intermediate=128, layers=8,
+                           heads=2, kv_heads=2, tokenizer_dir=tokenizer_dir)
+    src = load_model(deep)
+    kw = {"target": "gguf", "gguf_type": gguf_type}
+
+    def types(**extra):
+        plan, _ = build_plan(src, {**kw, **extra})
+        return {n: p.spec.name for n, p in plan.items()}
+    with_im = types(method="rtn", imatrix="some.imatrix.gguf")
+    for m in ("gptq", "leanquant", "tesseraq"):
+        assert types(method=m) == with_im, m
+    # layer 0's ffn_down (i < n/8) differs between the two rule sets of Q4_0 and IQ4_NL
+    assert (types(method="rtn") != with_im) == (gguf_type in ("Q4_0", "IQ4_NL"))

@@ -260,11 +260,11 @@ NOTES = """\
   window, llama.cpp's convention); ± is llama-perplexity's own estimate.
 - llama-quantize + imatrix: imatrix from `llama-imatrix -f c4.utf8 -c 512 -b 512 --chunks N`
   on the F32 file (N = the number of qexport calibration windows). qexport gptq: 
-  N x 512-token seeded windows (seed 0) of the same c4.utf8, damp 0.01, block 128, no
-  act-order, min-max grids (`qexport.methods.gptq`); it uses llama.cpp's *with-imatrix* recipe
-  (for Q4_0: ffn_down of layers 0-2 in Q4_1; for IQ4_NL: no Q5_K ffn_down), so its tensor types
-  and size equal llama-quantize + imatrix. `qexport convert --method gptq` from the CLI plans
-  the *without-imatrix* recipe today (the two differ only for Q4_0 and IQ4_NL).
+  N x 512-token seeded windows (seed 0) of the same c4.utf8, qexport's gptq defaults (damp
+  0.01, block 128, act-order with static groups, attention-weighted v_proj Hessian), min-max
+  grids (`qexport.methods.gptq`); like `qexport convert --method gptq` it uses llama.cpp's
+  *with-imatrix* recipe (for Q4_0: ffn_down of layers 0-2 in Q4_1; for IQ4_NL: no Q5_K
+  ffn_down), so its tensor types and size equal llama-quantize + imatrix.
 - qexport rtn (CLI `qexport convert --method rtn`) re-implements llama.cpp's quantizers;
   "qexport rtn + qexport imatrix" uses `qexport.imatrix.compute_imatrix` (mean x^2 per input
   column from the same calibration windows as gptq). The reproduction table checks them byte
