@@ -176,10 +176,12 @@ class Bench:
         qm = quantize_rtn_imatrix(self.src(), self.plan(t, True), im, progress=False)
         return self.lower(qm, key, t)
 
-    def qexport_gptq(self, key: str, t: str) -> dict[str, Any]:
+    def qexport_gptq(self, key: str, t: str, method: str = "gptq") -> dict[str, Any]:
+        """qexport ``method`` (gptq; leanquant with act-order, as run for the README)."""
         from qexport.pipeline import QuantizeOptions, quantize_model
-        opts = QuantizeOptions(method="gptq", calib=str(CALIB), n_samples=self.s.calib_samples,
-                               seq_len=self.s.seq_len, seed=self.s.seed, progress=False)
+        opts = QuantizeOptions(method=method, calib=str(CALIB), n_samples=self.s.calib_samples,
+                               seq_len=self.s.seq_len, seed=self.s.seed, progress=False,
+                               act_order=True)
         qm = quantize_model(self.src(), self.plan(t, True), opts)
         return self.lower(qm, key, t)
 
@@ -226,6 +228,9 @@ def run_all(b: Bench, types: list[str]) -> None:
         b.step(f"ppl|lqi|{t}", lambda: b.perplexity(f"lqi|{t}"))
         b.step(f"build|gptq|{t}", lambda: b.qexport_gptq(f"gptq|{t}", t))
         b.step(f"ppl|gptq|{t}", lambda: b.perplexity(f"gptq|{t}"))
+        b.step(f"build|leanquant|{t}",
+               lambda: b.qexport_gptq(f"leanquant|{t}", t, method="leanquant"))
+        b.step(f"ppl|leanquant|{t}", lambda: b.perplexity(f"leanquant|{t}"))
     for t in types:
         b.step(f"ppl|lq|{t}", lambda: b.perplexity(f"lq|{t}"))
     b.step("imatrix|qexport", b.qexport_imatrix)
