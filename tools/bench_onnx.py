@@ -205,8 +205,10 @@ def speed_phase(cache: Path, bucket: dict[str, Any], rounds: int) -> None:
     jobs = [(row, acc) for row in ROWS if row.key in bucket and "error" not in bucket[row.key]
             for acc in ((None,) if row.tool == "fp" else (0, 4))]
     best: dict[tuple[str, Any], dict[str, float]] = {}
+    load = [os.getloadavg()[0]]
     for rnd in range(rounds):
         print(f"   speed round {rnd + 1}/{rounds}", flush=True)
+        load.append(os.getloadavg()[0])
         for row, acc in jobs:
             folder = cache / ("fp.onnx" if row.tool == "fp" else f"{row.key}.onnx")
             sp = decode_speed(folder, acc, prompt, repeats=1)
@@ -217,6 +219,7 @@ def speed_phase(cache: Path, bucket: dict[str, Any], rounds: int) -> None:
         tag = "" if acc is None else f"_acc{acc}"
         bucket[key].update({f"{k}{tag}": v for k, v in sp.items()})
         bucket[key]["speed_rounds"] = rounds
+        bucket[key]["speed_load"] = round(max(load), 2)
 
 
 def measure(row: Row, cache: Path, windows: int, reuse: dict[str, Path],

@@ -186,16 +186,24 @@ def _by_linear(path: str) -> dict[str, list[Any]]:
     return out
 
 
-def same_initializers(path_a: str, path_b: str) -> dict[str, int]:
-    """How many linears of two MatMulNBits graphs hold identical B / scales / zero points
-    (scales compared after flattening: HQQ stores them 1-D)."""
+def same_initializers(path_a: str, path_b: str) -> dict[str, Any]:
+    """How many linears of two 4-bit MatMulNBits graphs hold identical B / scales / zero points
+    (scales compared after flattening: HQQ stores them 1-D; absent zero points count as
+    identical), and the fraction of packed codes (padding included) that differ."""
     a, b = _by_linear(path_a), _by_linear(path_b)
-    res = {"linears": len(a), "common": len(set(a) & set(b)), "B": 0, "scales": 0, "zp": 0}
+    res: dict[str, Any] = {"linears": len(a), "common": len(set(a) & set(b)), "B": 0,
+                           "scales": 0, "zp": 0}
+    codes = differ = 0
     for k in set(a) & set(b):
+        if a[k][0].shape == b[k][0].shape:          # 4-bit codes: both nibbles of each byte
+            x, y = a[k][0], b[k][0]
+            differ += int(((x & 15) != (y & 15)).sum() + ((x >> 4) != (y >> 4)).sum())
+            codes += 2 * x.size
         for i, what in enumerate(("B", "scales", "zp")):
             x, y = a[k][i], b[k][i]
             if x is None or y is None:
                 res[what] += x is None and y is None
             elif x.size == y.size and np.array_equal(x.ravel(), y.ravel()):
                 res[what] += 1
+    res["codes_differ_fraction"] = differ / codes if codes else None
     return res
