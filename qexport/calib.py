@@ -184,19 +184,25 @@ def _input_then_apply(layer: Any, h: torch.Tensor, inp: Callable, apply: Callabl
     stats.forward += time.perf_counter() - t0
 
 
-def _value_hessian(layer: Any, h: torch.Tensor, rope: Any, bs: int,
-                   stats: _Stats) -> HessianAccumulator:
-    """v_proj's attention-weighted Hessian ``2/N sum_t w_t x_t x_t^T`` with ``w_t`` the squared
-    attention token ``t`` receives (:meth:`DecoderLayer.attn_value_weights`)."""
-    acc = HessianAccumulator(layer.arch.hidden)
+def _accumulate_qkv(layer: Any, h: torch.Tensor, rope: Any, bs: int, stats: _Stats,
+                    v_hessian: str) -> tuple[HessianAccumulator, HessianAccumulator | None]:
+    """q/k/v's plain Hessian and, for ``v_hessian="attention"``, v_proj's attention-weighted
+    one ``2/N sum_t w_t x_t x_t^T`` (``w_t``: the squared attention token ``t`` receives,
+    ``_Attention.received_attention``), both from one pass computing each input ``x`` once."""
+    dim = layer.arch.hidden
+    acc = HessianAccumulator(dim)
+    acc_v = HessianAccumulator(dim) if v_hessian == "attention" else None
     for sl in _batches(h.shape[0], bs):
         t0 = time.perf_counter()
-        x, w = layer.attn_input(h[sl]), layer.attn_value_weights(h[sl], rope)
+        x = layer.attn_input(h[sl])
+        w = layer.self_attn.received_attention(x, rope) if acc_v is not None else None
         t1 = time.perf_counter()
-        acc.add(x, w)
+        acc.add(x)
+        if acc_v is not None:
+            acc_v.add(x, w)
         stats.forward += t1 - t0
         stats.hessian += time.perf_counter() - t1
-    return acc
+    return acc, acc_v
 
 
 def _run_layer(layer: Any, h: torch.Tensor, i: int, rope: Any, quantize_fn: QuantizeFn,
@@ -204,10 +210,8 @@ def _run_layer(layer: Any, h: torch.Tensor, i: int, rope: Any, quantize_fn: Quan
     """Quantize layer ``i`` group by group and overwrite ``h`` with its (quantized) output."""
     a = layer.arch
     qkv, o, gate_up, down = ([f"{layer_prefix(i)}{m}.weight" for m in g] for g in LINEAR_GROUPS)
-    acc, _ = _accumulate(h, layer.attn_input, a.hidden, bs, stats, keep=False)
-    special = None
-    if v_hessian == "attention":
-        special = {n: _value_hessian(layer, h, rope, bs, stats) for n in qkv if ".v_proj." in n}
+    acc, acc_v = _accumulate_qkv(layer, h, rope, bs, stats, v_hessian)
+    special = {n: acc_v for n in qkv if ".v_proj." in n} if acc_v is not None else None
     _quantize_group(layer, qkv, acc, quantize_fn, stats, special)
     _input_then_apply(layer, h, lambda x: layer.attn_context(x, rope), layer.attn_residual,
                       a.n_heads * a.head_dim, o, quantize_fn, bs, cache_bytes, stats)

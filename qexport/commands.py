@@ -11,7 +11,7 @@ import click
 
 from qexport.errors import InputError, UnsupportedError
 from qexport.ir import QModel
-from qexport.pipeline import QuantizeOptions, quantize_model
+from qexport.pipeline import CALIBRATED, QuantizeOptions, quantize_model
 from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, plan_uniform, resolve_spec,
                            target_spec)
 
@@ -76,7 +76,6 @@ def build_plan(src: Any, kw: dict[str, Any]) -> tuple[dict[str, TensorPlan], dic
             raise InputError("--to gguf needs --type (e.g. Q4_K_M, Q4_0, IQ4_XS)")
         # llama-quantize's with-imatrix rules whenever activations inform the codes (an
         # imatrix, or a calibrated method), so that the peer is llama-quantize --imatrix
-        from qexport.pipeline import CALIBRATED
         imatrix = bool(kw.get("imatrix")) or kw.get("method") in CALIBRATED
         plan = plan_gguf(kw["gguf_type"], src.config, model_shapes(src),
                          pure=kw.get("pure", False), overrides=_overrides(kw.get("override", ())),

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,46 +94,41 @@ class _Backing:
         self.stage = None
 
 
-class LazyTensors(Mapping):
+class _LazyMap(Mapping):
+    """A read-only mapping over ``keys`` (a backing's metadata dict) whose values are loaded
+    from disk by ``load(name)`` on each access."""
+
+    def __init__(self, backing: _Backing, keys: Mapping[str, Any],
+                 load: Callable[[str], Any]) -> None:
+        self.backing, self._keys, self._load = backing, keys, load
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._keys:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+
+class LazyTensors(_LazyMap):
     """``QModel.tensors`` read from disk on each access (a new QTensor every time)."""
 
     def __init__(self, backing: _Backing) -> None:
-        self.backing = backing
-
-    def __getitem__(self, name: str) -> QTensor:
-        if name not in self.backing.qmeta:
-            raise KeyError(name)
-        return self.backing.qtensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self.backing.qmeta))
-
-    def __len__(self) -> int:
-        return len(self.backing.qmeta)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.backing.qmeta
+        super().__init__(backing, backing.qmeta, backing.qtensor)
 
 
-class LazyPassthrough(Mapping):
+class LazyPassthrough(_LazyMap):
     """``QModel.passthrough`` read from disk on each access (float32 arrays)."""
 
     def __init__(self, backing: _Backing) -> None:
-        self.backing = backing
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.backing.pmeta:
-            raise KeyError(name)
-        return self.backing.array(f"p/{name}")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self.backing.pmeta))
-
-    def __len__(self) -> int:
-        return len(self.backing.pmeta)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.backing.pmeta
+        super().__init__(backing, backing.pmeta, lambda name: backing.array(f"p/{name}"))
 
 
 def backing_of(model: QModel) -> _Backing | None:

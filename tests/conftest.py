@@ -94,3 +94,13 @@ def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text(text[:60000], encoding="utf-8")
     return p
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tests of tiny blocks (thread overhead dominates on 2 busy cores)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

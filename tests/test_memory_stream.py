@@ -4,9 +4,7 @@ loading; source readers do not keep read pages mapped."""
 from __future__ import annotations
 
 import gc
-import glob
 import os
-import sysconfig
 import weakref
 from pathlib import Path
 
@@ -134,16 +132,7 @@ def deep_llama(tmp_path_factory, tokenizer_dir: Path) -> Path:
                            tokenizer_dir=tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[80:100]
-    text = "\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(text[:60000], encoding="utf-8")
-    return p
-
-
-def test_quantize_retains_no_qtensor(deep_llama: Path, calib: Path, tmp_path: Path,
+def test_quantize_retains_no_qtensor(deep_llama: Path, calib_file: Path, tmp_path: Path,
                                      monkeypatch) -> None:
     """GPTQ through the CLI's path (checkpoint + streaming): every QTensor / passthrough array
     handed to the writer is garbage once written, both when the next one arrives and after
@@ -166,7 +155,7 @@ def test_quantize_retains_no_qtensor(deep_llama: Path, calib: Path, tmp_path: Pa
     monkeypatch.setattr(IRStreamWriter, "add_passthrough", add_passthrough)
     out = tmp_path / "s.qir"
     ck = Checkpoint(out)
-    qm = build_ir(str(deep_llama), {**GPTQ, "lorc_rank": 0, "calib": str(calib)}, ck)
+    qm = build_ir(str(deep_llama), {**GPTQ, "lorc_rank": 0, "calib": str(calib_file)}, ck)
     assert ck.layers_done() == 6
     gc.collect()
     from qexport.model.load import load_model
@@ -194,7 +183,7 @@ def test_streamed_quantize_matches_in_memory(deep_llama: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.qir", "s.qir"]
 
 
-def test_failed_run_leaves_no_staging(deep_llama: Path, calib: Path, tmp_path: Path,
+def test_failed_run_leaves_no_staging(deep_llama: Path, calib_file: Path, tmp_path: Path,
                                       monkeypatch) -> None:
     import errno
 
@@ -209,7 +198,7 @@ def test_failed_run_leaves_no_staging(deep_llama: Path, calib: Path, tmp_path: P
     monkeypatch.setattr(IRStreamWriter, "add", failing_add)
     out = tmp_path / "m.qir"
     args = ["quantize", str(deep_llama), "--method", "gptq", "--bits", "4", "--group-size", "32",
-            "--n-samples", "8", "--seq-len", "64", "--calib", str(calib), "-o", str(out),
+            "--n-samples", "8", "--seq-len", "64", "--calib", str(calib_file), "-o", str(out),
             "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "disk full" in res.output, res.output

@@ -231,11 +231,6 @@ class DecoderLayer(nn.Module):
                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.self_attn.context(self.attn_input(h), rope)
 
-    def attn_value_weights(self, h: torch.Tensor,
-                           rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Per-token weights ``[B, T]`` for v_proj's Hessian (see ``received_attention``)."""
-        return self.self_attn.received_attention(self.attn_input(h), rope)
-
     def attn_residual(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return h + self.self_attn.o_proj(ctx)
 

@@ -20,12 +20,8 @@ from qexport.model.forward import DecoderLayer, Rotary, build_causal_lm
 from qexport.specs import TensorPlan
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny blocks: one torch thread avoids thread overhead on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py)."""
 
 
 AFFINE = [GridSpec.affine(3, 32, False), GridSpec.affine(2, 32, True),
