@@ -255,8 +255,9 @@ def export(ir: str, target: str, output: str, fmt: str, dtype: str | None,
     """Lower an IR folder to a runtime artifact, bit for bit."""
     from qexport.irio import load_ir
     from qexport.lowering import lower
-    for p in lower(load_ir(ir), target, output, force=force, fmt=fmt, dtype=dtype,
-                   accuracy_level=accuracy_level):
+    # lazy: tensors are read from the IR one at a time while the artifact is written
+    for p in lower(load_ir(ir, lazy=True), target, output, force=force, fmt=fmt, dtype=dtype,
+                   accuracy_level=accuracy_level, progress=True):
         click.echo(f"wrote {p}")
 
 
@@ -280,7 +281,7 @@ def convert(model: str, output: str, save_ir: str | None, dtype: str | None,
         if save_ir:
             _save(qm, save_ir, force=kw["force"])
         paths = lower(qm, kw["target"], output, force=kw["force"], fmt=kw["fmt"], dtype=dtype,
-                      accuracy_level=accuracy_level)
+                      accuracy_level=accuracy_level, progress=not kw.get("quiet"))
     for p in paths:
         click.echo(f"wrote {p}")
 
@@ -295,7 +296,7 @@ def verify(artifact: str, ir_path: str, as_json: bool) -> None:
     from qexport.commands import print_report
     from qexport.irio import load_ir
     from qexport.lowering import verify_artifact
-    report = verify_artifact(artifact, load_ir(ir_path))
+    report = verify_artifact(artifact, load_ir(ir_path, lazy=True))
     ok = print_report(report, as_json)
     sys.exit(0 if ok else 1)
 

@@ -18,6 +18,7 @@ at exit.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from qexport.ir import LowRank, QModel, QTensor
 from qexport.stfile import Loc, copy_range, header_bytes, read_array, read_header
 
 __all__ = ["IRStreamWriter", "StagedTensor", "LazyTensors", "LazyPassthrough", "FileArrays",
-           "backing_of", "save_streamed", "lazy_model"]
+           "backing_of", "save_streamed", "lazy_model", "Relabelled", "tensor_meta", "is_lazy"]
 
 
 class _Backing:
@@ -122,6 +123,49 @@ class LazyTensors(_LazyMap):
 
     def __init__(self, backing: _Backing) -> None:
         super().__init__(backing, backing.qmeta, backing.qtensor)
+
+    def meta(self, name: str) -> tuple[GridSpec, tuple[int, ...], bool]:
+        """``(spec, shape, has_residual)`` of ``name`` from the manifest, without reading it."""
+        m = self.backing.qmeta[name]
+        return self.backing.specs[m["spec"]], tuple(m["shape"]), m["residual"] is not None
+
+
+class Relabelled(Mapping):
+    """``tensors`` whose QTensors get new specs on access (``specs``: name -> GridSpec); the
+    lazy counterpart of a dict of ``dataclasses.replace(qt, spec=...)``."""
+
+    def __init__(self, inner: Mapping[str, QTensor], specs: dict[str, GridSpec]) -> None:
+        self.inner, self.specs = inner, specs
+
+    def __getitem__(self, name: str) -> QTensor:
+        return dataclasses.replace(self.inner[name], spec=self.specs[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.inner
+
+    def meta(self, name: str) -> tuple[GridSpec, tuple[int, ...], bool]:
+        _, shape, res = tensor_meta(self.inner, name)
+        return self.specs[name], shape, res
+
+
+def tensor_meta(tensors: Mapping[str, QTensor], name: str) -> tuple[GridSpec, tuple[int, ...], bool]:
+    """``(spec, shape, has_residual)`` of ``tensors[name]``, read from the manifest when
+    ``tensors`` is lazy (no arrays loaded)."""
+    if isinstance(tensors, (LazyTensors, Relabelled)):
+        return tensors.meta(name)
+    qt = tensors[name]
+    return qt.spec, tuple(qt.shape), qt.residual is not None
+
+
+def is_lazy(tensors: Mapping[str, Any]) -> bool:
+    """Whether ``tensors`` reads from disk on access (so callers should not hold values)."""
+    return isinstance(tensors, (LazyTensors, Relabelled))
 
 
 class LazyPassthrough(_LazyMap):

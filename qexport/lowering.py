@@ -15,6 +15,7 @@ from typing import Any, Callable
 from qexport.errors import InputError, LoweringError, UnsupportedError
 from qexport.grids import GridSpec, ZeroDomain
 from qexport.ir import QModel
+from qexport.irstream import Relabelled, is_lazy, tensor_meta
 
 __all__ = ["retarget", "lower", "detect_artifact", "verify_artifact", "EXPORT_TARGETS"]
 
@@ -42,39 +43,52 @@ def _uniform_candidate(target: str, spec: GridSpec, fmt: str) -> list[GridSpec]:
         raise LoweringError(f"{target} cannot hold {spec.name}: {e}") from e
 
 
+def _target_spec(name: str, spec: GridSpec, shape: tuple[int, ...], target: str,
+                 fmt: str) -> GridSpec:
+    """The first of ``target``'s specs that holds ``spec`` exactly at ``shape``."""
+    if target == "gguf":
+        cands = _gguf_candidates(spec)
+    elif target == "onnx" and spec.kind.value == "codebook":
+        cands = [spec]                             # the ONNX backend decides (LUT or refusal)
+    else:
+        cands = _uniform_candidate(target, spec, fmt)
+    reasons = []
+    for cand in cands:
+        why = None if cand.name == spec.name else spec.is_subset_of(cand)
+        if why is None:
+            try:
+                cand.check_shape(shape, name)
+            except ValueError as e:
+                why = str(e)
+        if why is None:
+            return cand
+        reasons.append(f"{cand.name}: {why}")
+    raise LoweringError(f"{name}: grid {spec.name} cannot be lowered to {target} "
+                        f"without re-quantizing ({'; '.join(reasons[:3]) or 'no format'}"
+                        "); quantize with --to " + target)
+
+
 def retarget(model: QModel, target: str, *, fmt: str = "ct") -> QModel:
-    """A shallow copy of ``model`` whose QTensors carry ``target``'s own specs."""
+    """A shallow copy of ``model`` whose QTensors carry ``target``'s own specs.
+
+    Specs and shapes come from the manifest when the model is lazy (``load_ir(lazy=True)``),
+    and the result is then lazy too: no tensor is loaded here.
+    """
     if target not in EXPORT_TARGETS:
         raise UnsupportedError(f"unknown target {target!r}; expected one of {list(EXPORT_TARGETS)}")
-    tensors = {}
-    for name, qt in model.tensors.items():
-        if target == "gguf":
-            cands = _gguf_candidates(qt.spec)
-        elif target == "onnx" and qt.spec.kind.value == "codebook":
-            cands = [qt.spec]                      # the ONNX backend decides (LUT or refusal)
-        else:
-            cands = _uniform_candidate(target, qt.spec, fmt)
-        reasons = []
-        for cand in cands:
-            why = None if cand.name == qt.spec.name else qt.spec.is_subset_of(cand)
-            if why is None:
-                try:
-                    cand.check_shape(qt.shape, name)
-                except ValueError as e:
-                    why = str(e)
-            if why is None:
-                tensors[name] = dataclasses.replace(qt, spec=cand)
-                break
-            reasons.append(f"{cand.name}: {why}")
-        else:
-            raise LoweringError(f"{name}: grid {qt.spec.name} cannot be lowered to {target} "
-                                f"without re-quantizing ({'; '.join(reasons[:3]) or 'no format'}"
-                                "); quantize with --to " + target)
-    return dataclasses.replace(model, tensors=tensors)
+    specs = {}
+    for name in model.tensors:
+        spec, shape, _ = tensor_meta(model.tensors, name)
+        specs[name] = _target_spec(name, spec, shape, target, fmt)
+    if is_lazy(model.tensors):
+        return dataclasses.replace(model, tensors=Relabelled(model.tensors, specs))
+    return dataclasses.replace(model, tensors={n: dataclasses.replace(qt, spec=specs[n])
+                                               for n, qt in model.tensors.items()})
 
 
 def lower(model: QModel, target: str, out: str | Path, *, force: bool = False,
-          fmt: str = "ct", dtype: str | None = None, accuracy_level: int = 0) -> list[Path]:
+          fmt: str = "ct", dtype: str | None = None, accuracy_level: int = 0,
+          progress: bool = False) -> list[Path]:
     """Write ``model`` as a ``target`` artifact at ``out`` (+ an adapter when it has LoRC).
 
     The vLLM backend checks and relabels grids itself (it names the format's own limits,
@@ -83,10 +97,10 @@ def lower(model: QModel, target: str, out: str | Path, *, force: bool = False,
     if target != "vllm":
         model = retarget(model, target, fmt=fmt)
     out = Path(out)
-    has_lorc = any(qt.residual is not None for qt in model.tensors.values())
+    has_lorc = any(tensor_meta(model.tensors, n)[2] for n in model.tensors)
     if target == "gguf":
         from qexport.backends.gguf.writer import lower_gguf
-        paths = [lower_gguf(model, out, force=force)]
+        paths = [lower_gguf(model, out, force=force, progress=progress)]
         if has_lorc:
             from qexport.backends.gguf.lora import lower_gguf_lora
             paths.append(lower_gguf_lora(model, out.with_name(out.stem + ".lora.gguf"),

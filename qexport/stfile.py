@@ -30,7 +30,8 @@ import numpy as np
 
 from qexport.errors import IRError
 
-__all__ = ["ST_DTYPES", "Loc", "read_header", "read_array", "header_bytes", "copy_range"]
+__all__ = ["ST_DTYPES", "Loc", "read_header", "read_array", "header_bytes", "copy_range",
+           "OffsetWriter"]
 
 #: numpy dtype -> safetensors dtype name, in the library's Dtype enum order (data is laid out
 #: in *descending* order of this list, then by name)
@@ -39,7 +40,9 @@ ST_DTYPES: dict[str, str] = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16
                              "uint32": "U32", "float32": "F32", "float64": "F64",
                              "int64": "I64", "uint64": "U64"}
 _NP_OF = {v: np.dtype(k) for k, v in ST_DTYPES.items()}
-_RANK = {v: i for i, v in enumerate(ST_DTYPES.values())}
+#: the library's Dtype enum order (ST_DTYPES plus dtypes numpy lacks); data order descends it
+_RANK = {v: i for i, v in enumerate(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16",
+                                     "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 _COPY_CHUNK = 1 << 26
 _NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
@@ -145,3 +148,64 @@ def copy_range(src: str, offset: int, n: int, dst: Any) -> None:
             dst.write(buf)
             done += len(buf)
         dst.flush()
+
+
+class OffsetWriter:
+    """A safetensors file whose entries are known up front: the header is written first and
+    each tensor's bytes go straight to its offset (``os.pwrite``) whenever it arrives, in any
+    order, so a writer holds one tensor at a time. The result equals ``save_file`` of the same
+    tensors (same header, same data order).
+
+    Args:
+        path: the file to create (the caller makes it atomic).
+        entries: key -> (safetensors dtype name, shape, nbytes).
+        metadata: the header's ``__metadata__``.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: dict[str, tuple[str, tuple[int, ...], int]],
+                 metadata: dict[str, str] | None) -> None:
+        head, order = header_bytes(entries, metadata)
+        self.entries, self.offsets, pos = entries, {}, len(head)
+        for k in order:
+            self.offsets[k] = pos
+            pos += entries[k][2]
+        self.size, self.left = pos, set(entries)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(head, 0)
+
+    def _pwrite(self, data: memoryview | bytes, pos: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def write(self, key: str, data: np.ndarray) -> None:
+        """Write ``key``'s bytes (any array whose raw bytes are the tensor's, e.g. a uint8 view)."""
+        if key not in self.entries:
+            raise IRError(f"{key}: not in the planned safetensors header")
+        if key not in self.left:
+            raise IRError(f"{key}: written twice")
+        raw = np.ascontiguousarray(data)
+        if raw.nbytes != self.entries[key][2]:
+            raise IRError(f"{key}: expected {self.entries[key][2]} bytes (not {raw.nbytes})")
+        self._pwrite(raw.reshape(-1).view(np.uint8).data, self.offsets[key])
+        self.left.discard(key)
+
+    def close(self) -> None:
+        """Close; raises IRError naming a planned tensor that was never written."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+            if self.left:
+                raise IRError(f"{sorted(self.left)[0]}: planned but never written "
+                              f"({len(self.left)} tensors missing)")
+
+    def __enter__(self) -> "OffsetWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

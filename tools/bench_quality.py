@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,7 @@ def measure(label: str, column: str, out: Path) -> dict:
     method, extra = VARIANTS[label]
     key = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{label}__{column}")
     ir = out / f"{key}.qir"
+    shutil.rmtree(ir.with_name(ir.name + ".partial"), ignore_errors=True)  # a killed earlier run
     cmd = _qexport("quantize", MODEL, "--method", method, *COLUMNS[column], *extra,
                    "--calib", str(CALIB), "--n-samples", "128", "--seq-len", "512",
                    "-o", str(ir), "--force", "--quiet")
@@ -128,7 +130,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rf = out / "results.json"
     results = json.loads(rf.read_text()) if rf.is_file() else {}
-    if "fp" not in results or a.redo:
+    if "fp" not in results or (a.redo and (not a.only or a.only == "fp")):
         results["fp"] = _eval(MODEL, out, "fp")
         rf.write_text(json.dumps(results, indent=1))
     for method, column in SUITES[a.suite]:

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from qexport.atomic import atomic_output
 from qexport.errors import LoweringError, UnsupportedError
-from qexport.grids import Grid, grid_from_arrays
+from qexport.grids import Grid, GridSpec, grid_from_arrays
 from qexport.ir import QModel, QTensor
+from qexport.irstream import tensor_meta
 
 from .names import gguf_arch, hf_to_gguf, layer_index, permute_rows, rope_heads
 from .pack import pack_tensor
@@ -37,7 +40,8 @@ from .recipes import RECIPES, recipe_file_type
 from .types import GGUF_TYPES, type_for_spec
 from .vocab import add_tokenizer
 
-__all__ = ["lower_gguf", "gguf_tensors", "file_type_for", "rope_theta", "ALIGNMENT"]
+__all__ = ["lower_gguf", "plan_entries", "entry_data", "file_type_for",
+           "rope_theta", "ALIGNMENT"]
 
 ALIGNMENT = 32
 _LAYER_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight",
@@ -155,17 +159,6 @@ def _quantized(name: str, qt: QTensor, n_head: int | None) -> tuple[np.ndarray, 
     return pack_tensor(codes, grid, qt.spec, name), row.name
 
 
-def _float(arr: np.ndarray, n_head: int | None) -> tuple[np.ndarray, str]:
-    a = np.ascontiguousarray(arr, dtype=np.float32)
-    if n_head is not None:
-        a = permute_rows(a, n_head)
-    if a.ndim >= 2:
-        h = a.astype(np.float16)
-        if np.array_equal(h.astype(np.float32), a, equal_nan=False) and np.all(np.isfinite(a)):
-            return h, "F16"
-    return a, "F32"
-
-
 def _order(name: str) -> tuple[int, int, str]:
     g = hf_to_gguf(name)
     li = layer_index(name)
@@ -184,32 +177,93 @@ def _check_complete(model: QModel) -> None:
                             " a GGUF model needs every embedding, norm and layer weight")
 
 
-def gguf_tensors(model: QModel) -> list[tuple[str, np.ndarray, str]]:
-    """``(gguf_name, data, type_name)`` for every tensor, in file order (token_embd, layers,
-    output_norm, output). Quantized data is uint8 ``[out, row_bytes]``."""
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the file, planned before any data is written (so the header can go first
+    and the data can follow one tensor at a time)."""
+
+    name: str                   # IR name
+    gname: str                  # GGUF name
+    type: str                   # ggml type name
+    shape: tuple[int, ...]      # stored array shape (bytes per row for quantized types)
+    dtype: np.dtype
+    heads: int | None           # RoPE heads to permute rows by (q/k of ``llama``), else None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _float_type(name: str, arr: np.ndarray) -> str:
+    if name.endswith(("norm.weight", ".bias")) or arr.ndim < 2:
+        return "F32"
+    a = np.asarray(arr, dtype=np.float32)
+    h = a.astype(np.float16)
+    ok = np.all(np.isfinite(a)) and np.array_equal(h.astype(np.float32), a)
+    return "F16" if ok else "F32"
+
+
+def _quant_entry(name: str, spec: GridSpec, shape: tuple[int, ...], heads: int | None) -> _Entry:
+    try:
+        row = type_for_spec(spec)
+    except UnsupportedError as e:
+        raise LoweringError(f"{name}: spec {spec.name!r} is not a GGUF type; expected one "
+                            f"of {', '.join(t.spec.name for t in GGUF_TYPES.values())} "
+                            f"({', '.join(GGUF_TYPES)})") from e
+    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[row.name]]
+    rows, cols = shape
+    if cols % bs:
+        raise LoweringError(f"{name}: row length expected a multiple of {bs} for {row.name} "
+                            f"(not {cols})")
+    return _Entry(name, hf_to_gguf(name), row.name, (rows, cols // bs * ts), np.dtype(np.uint8),
+                  heads)
+
+
+def plan_entries(model: QModel) -> list[_Entry]:
+    """Every tensor of the file in file order (token_embd, layers, output_norm, output), with
+    its type and stored size. Reads float passthrough tensors one at a time (F16 when every
+    value is exactly fp16) and no quantized data."""
     _check_complete(model)
     out = []
     for name in sorted(set(model.tensors) | set(model.passthrough), key=_order):
         heads = rope_heads(name, model.config)
         if name in model.tensors:
-            data, t = _quantized(name, model.tensors[name], heads)
-        else:
-            data, t = _float(model.passthrough[name], heads)
-            if name.endswith(("norm.weight", ".bias")):
-                data, t = np.ascontiguousarray(data, dtype=np.float32), "F32"
-        out.append((hf_to_gguf(name), data, t))
+            spec, shape, _ = tensor_meta(model.tensors, name)
+            out.append(_quant_entry(name, spec, shape, heads))
+            continue
+        arr = model.passthrough[name]
+        t = _float_type(name, arr)
+        out.append(_Entry(name, hf_to_gguf(name), t, tuple(arr.shape),
+                          np.dtype(np.float16 if t == "F16" else np.float32), heads))
+        del arr
     return out
 
 
-def _add_tensor(w: gguf.GGUFWriter, gname: str, data: np.ndarray, t: str) -> None:
-    if t in ("F32", "F16"):
-        w.add_tensor(gname, data)
-    else:
-        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
+def entry_data(model: QModel, e: _Entry) -> np.ndarray:
+    """The bytes of one planned tensor: packed blocks ``uint8 [out, row_bytes]`` or F16/F32."""
+    if e.dtype == np.uint8:
+        return _quantized(e.name, model.tensors[e.name], e.heads)[0]
+    a = np.ascontiguousarray(model.passthrough[e.name], dtype=np.float32)
+    if e.heads is not None:
+        a = permute_rows(a, e.heads)
+    return np.ascontiguousarray(a.astype(e.dtype))
+
+
+def _add_info(w: gguf.GGUFWriter, e: _Entry) -> None:
+    raw = None if e.type in ("F32", "F16") else gguf.GGMLQuantizationType[e.type]
+    w.add_tensor_info(e.gname, e.shape, e.dtype, e.nbytes, raw_dtype=raw)
+
+
+def _write_data(w: gguf.GGUFWriter, e: _Entry, data: np.ndarray) -> None:
+    if data.nbytes != e.nbytes or data.dtype != e.dtype:
+        raise LoweringError(f"{e.name}: packed {data.dtype} data expected {e.nbytes} bytes "
+                            f"(not {data.nbytes})")
+    w.write_tensor_data(data)
 
 
 def lower_gguf(model: QModel, path: str | os.PathLike, *, force: bool = False,
-               bpe_pre: str | None = None, name: str | None = None) -> Path:
+               bpe_pre: str | None = None, name: str | None = None,
+               progress: bool = False) -> Path:
     """Write ``model`` as one llama.cpp ``.gguf`` file at ``path`` (atomically).
 
     Args:
@@ -218,13 +272,14 @@ def lower_gguf(model: QModel, path: str | os.PathLike, *, force: bool = False,
         bpe_pre: llama.cpp pre-tokenizer name for a byte-level BPE ``tokenizer.json`` whose
             pre-tokenizer is not plain GPT-2 (``tokenizer.ggml.pre``).
         name: ``general.name`` (default: the IR's ``provenance["source"]`` or "qexport").
+        progress: a progress bar over the tensors (on a terminal only).
     Raises:
         LoweringError: a tensor on a non-GGUF spec or an incomplete IR.
         UnsupportedError: architecture, RoPE scaling or tokenizer that cannot be expressed.
     """
     arch = gguf_arch(model.config)
-    tensors = gguf_tensors(model)
-    ftype = file_type_for(model, [t for _, _, t in tensors])
+    entries = plan_entries(model)
+    ftype = file_type_for(model, [e.type for e in entries])
     path = Path(path)
     with atomic_output(path, is_dir=False, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -236,12 +291,18 @@ def lower_gguf(model: QModel, path: str | os.PathLike, *, force: bool = False,
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(w, model.tokenizer, model.config, bpe_pre=bpe_pre)
             if rope_freqs is not None:
-                w.add_tensor("rope_freqs.weight", rope_freqs)
-            for gname, data, t in tensors:
-                _add_tensor(w, gname, data, t)
+                w.add_tensor_info("rope_freqs.weight", rope_freqs.shape, rope_freqs.dtype,
+                                  rope_freqs.nbytes)
+            for e in entries:
+                _add_info(w, e)
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_tensors_to_file()
+            w.write_ti_data_to_file()
+            if rope_freqs is not None:
+                w.write_tensor_data(rope_freqs)
+            # one tensor in memory at a time (the IR may be lazy: load_ir(lazy=True))
+            for e in tqdm(entries, desc="gguf", unit="tensor", disable=None if progress else True):
+                _write_data(w, e, entry_data(model, e))
         finally:
             w.close()
     return path

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from qexport.errors import LoweringError, NumericsError
 from qexport.ir import QModel
 
 __all__ = ["TORCH_DTYPES", "module_of", "is_dense_only", "dense_tensor", "dense_tensors",
-           "hf_config", "write_tokenizer", "save_safetensors", "HF_TOKENIZER_FILES"]
+           "dense_names", "st_entry", "st_bytes", "hf_config", "write_tokenizer",
+           "save_safetensors", "HF_TOKENIZER_FILES"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: IR tokenizer entries that are not Hugging Face tokenizer files (GGUF vocab dumps)
@@ -58,21 +60,47 @@ def _tied(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
-def dense_tensors(model: QModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Passthrough tensors plus quantized embeddings / lm_head written as their IR value
-    (``dequantize() + residual``), all cast to ``dtype``; a tied lm_head is dropped."""
-    values: dict[str, np.ndarray] = dict(model.passthrough)
-    for name, qt in model.tensors.items():
-        if is_dense_only(name):
-            values[name] = qt.dequantize(with_residual=True)
-    if _tied(model.config) and "lm_head.weight" in values:
-        emb = next((v for k, v in values.items() if k.endswith("embed_tokens.weight")), None)
-        if emb is None or not np.array_equal(emb, values["lm_head.weight"]):
+def dense_names(model: QModel) -> list[str]:
+    """Names of the dense tensors written, sorted: passthrough tensors plus quantized
+    embeddings / lm_head (written as their IR value); a tied lm_head is dropped (checked equal
+    to ``embed_tokens`` when both are in the IR)."""
+    names = set(model.passthrough) | {n for n in model.tensors if is_dense_only(n)}
+    if _tied(model.config) and "lm_head.weight" in names:
+        emb = next((n for n in sorted(names) if n.endswith("embed_tokens.weight")), None)
+        if emb is None or not np.array_equal(_dense_value(model, emb),
+                                             _dense_value(model, "lm_head.weight")):
             raise LoweringError("lm_head.weight: config says tie_word_embeddings but the IR's "
                                 "lm_head differs from embed_tokens; expected equal tensors "
                                 "(or tie_word_embeddings false)")
-        del values["lm_head.weight"]
-    return {n: dense_tensor(n, v, dtype) for n, v in sorted(values.items())}
+        names.discard("lm_head.weight")
+    return sorted(names)
+
+
+def _dense_value(model: QModel, name: str) -> np.ndarray:
+    if name in model.passthrough:
+        return model.passthrough[name]
+    return model.tensors[name].dequantize(with_residual=True)
+
+
+def dense_tensors(model: QModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor cast to dtype)`` of every :func:`dense_names` entry, one at a time."""
+    for n in dense_names(model):
+        yield n, dense_tensor(n, _dense_value(model, n), dtype)
+
+
+_ST_NAME = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+            torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8",
+            torch.int16: "I16"}
+
+
+def st_entry(t: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
+    """``(safetensors dtype, shape, nbytes)`` of a torch tensor."""
+    return _ST_NAME[t.dtype], tuple(t.shape), t.numel() * t.element_size()
+
+
+def st_bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of ``t`` as a uint8 array (any dtype, bf16 included)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def hf_config(model: QModel, dtype: str, quantization_config: dict[str, Any]) -> dict[str, Any]:

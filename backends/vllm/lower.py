@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,18 @@ import torch
 
 from qexport.atomic import atomic_output
 from qexport.errors import LoweringError, UnsupportedError
-from qexport.grids import GridError, validate
+from qexport.grids import GridError, GridSpec, validate
 from qexport.ir import QModel, QTensor
+from qexport.stfile import OffsetWriter
 
 from .ct import ct_layer_tensors, ct_quantization_config
 from .gptq import gptq_layer_tensors, gptq_quantization_config
 from .hf_folder import (TORCH_DTYPES, dense_tensors, hf_config, is_dense_only, module_of,
-                        save_safetensors, write_tokenizer)
+                        st_bytes, st_entry, write_tokenizer)
 from .peft import adapter_dir, has_adapter, write_peft_adapter
 from .specs import FORMATS, dtype_scale, format_of, vllm_cpu_notes, vllm_spec
 
-__all__ = ["lower_vllm", "packed_tensors", "check_fused", "FUSED_GROUPS"]
+__all__ = ["lower_vllm", "plan_packed", "write_safetensors", "check_fused", "FUSED_GROUPS"]
 
 #: projections vLLM loads into one fused layer: every member needs the same grid
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),
@@ -52,16 +54,46 @@ def _retarget(qt: QTensor, fmt: str, scale_dtype: str) -> QTensor:
     return dataclasses.replace(qt, spec=spec)
 
 
-def packed_tensors(model: QModel, fmt: str, scale_dtype: str) -> dict[str, QTensor]:
-    """The QTensors written packed (all but embeddings / lm_head), with the format's specs."""
+@dataclass(frozen=True)
+class Packed:
+    """What the checks need of one packed linear (its data is packed again when written)."""
+
+    name: str
+    spec: GridSpec
+    shape: tuple[int, ...]
+
+
+def _layer_tensors(qt: QTensor, fmt: str, tdt: torch.dtype, ct_layout: str
+                   ) -> dict[str, torch.Tensor]:
+    prefix = module_of(qt.name)
+    return (ct_layer_tensors(qt, prefix, tdt, ct_layout) if fmt == "ct"
+            else gptq_layer_tensors(qt, prefix, tdt))
+
+
+def plan_packed(model: QModel, fmt: str, dtype: str, ct_layout: str = "dense"
+                ) -> tuple[dict[str, Packed], dict[str, tuple[str, tuple[int, ...], int]]]:
+    """Check every packed linear (all but embeddings / lm_head) against the format, one
+    QTensor in memory at a time; returns their :class:`Packed` records and the safetensors
+    entries (dtype, shape, nbytes) of every tensor the folder's file will hold."""
     if fmt not in FORMATS:
         raise UnsupportedError(f"unknown vLLM checkpoint format {fmt!r}; expected one of "
                                f"{sorted(FORMATS)}")
-    return {n: _retarget(qt, fmt, scale_dtype) for n, qt in sorted(model.tensors.items())
-            if not is_dense_only(n)}
+    scale_dtype, tdt = dtype_scale(dtype), TORCH_DTYPES[dtype]
+    packed, entries = {}, {}
+    for n in sorted(model.tensors):
+        if is_dense_only(n):
+            continue
+        qt = _retarget(model.tensors[n], fmt, scale_dtype)
+        packed[n] = Packed(n, qt.spec, tuple(qt.shape))
+        for k, t in _layer_tensors(qt, fmt, tdt, ct_layout).items():
+            entries[k] = st_entry(t)
+        del qt                                  # before the next one is read
+    for n, t in dense_tensors(model, tdt):
+        entries[n] = st_entry(t)
+    return packed, entries
 
 
-def _grid_key(qt: QTensor | None) -> tuple[int, int, bool] | None:
+def _grid_key(qt: Packed | None) -> tuple[int, int, bool] | None:
     return None if qt is None else format_of(qt.spec)
 
 
@@ -69,7 +101,7 @@ def _label(key: tuple[int, int, bool] | None) -> str:
     return "dense" if key is None else f"w{key[0]}g{key[1]}{'s' if key[2] else 'a'}"
 
 
-def check_fused(packed: dict[str, QTensor], all_names: set[str]) -> None:
+def check_fused(packed: dict[str, Packed], all_names: set[str]) -> None:
     """Refuse q/k/v or gate/up members with different grids (or some packed, some dense)."""
     seen: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for name in sorted(all_names):
@@ -87,7 +119,7 @@ def check_fused(packed: dict[str, QTensor], all_names: set[str]) -> None:
                                 "one bits/group/sym setting")
 
 
-def _cpu_warnings(packed: dict[str, QTensor]) -> None:
+def _cpu_warnings(packed: dict[str, Packed]) -> None:
     notes = [n for qt in packed.values() for n in vllm_cpu_notes(qt.spec.bits, qt.shape, qt.name)]
     if notes:
         more = f" (+{len(notes) - 3} more)" if len(notes) > 3 else ""
@@ -101,7 +133,7 @@ def _dense_linears(model: QModel) -> list[str]:
                   if n.startswith("model.layers.") and n.endswith(".weight") and a.ndim == 2)
 
 
-def _quant_config(packed: dict[str, QTensor], model: QModel, fmt: str,
+def _quant_config(packed: dict[str, Packed], model: QModel, fmt: str,
                   ct_layout: str) -> dict[str, Any]:
     groups: dict[tuple[int, int, bool], list[str]] = {}
     for name, qt in packed.items():
@@ -134,24 +166,16 @@ def lower_vllm(model: QModel, out_dir: str | Path, *, fmt: str = "ct", dtype: st
     Raises:
         LoweringError / UnsupportedError naming the tensor the format cannot hold.
     """
-    scale_dtype = dtype_scale(dtype)
-    tdt = TORCH_DTYPES[dtype]
     out_dir = Path(out_dir)
-    packed = packed_tensors(model, fmt, scale_dtype)
+    packed, entries = plan_packed(model, fmt, dtype, ct_layout)
     check_fused(packed, set(model.tensors) | set(model.passthrough))
     qcfg = _quant_config(packed, model, fmt, ct_layout)
     _cpu_warnings(packed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, qt in packed.items():
-        prefix = module_of(name)
-        tensors.update(ct_layer_tensors(qt, prefix, tdt, ct_layout) if fmt == "ct"
-                       else gptq_layer_tensors(qt, prefix, tdt))
-    tensors.update(dense_tensors(model, tdt))
     lora = adapter_dir(out_dir)
     if has_adapter(model) and lora.exists() and not force:
         raise LoweringError(f"{lora}: adapter output exists; pass --force to replace it")
     with atomic_output(out_dir, is_dir=True, force=force) as tmp:
-        save_safetensors(tensors, tmp / "model.safetensors")
+        write_safetensors(model, entries, tmp / "model.safetensors", fmt, dtype, ct_layout)
         cfg = hf_config(model, dtype, qcfg)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if fmt == "gptq":
@@ -161,3 +185,20 @@ def lower_vllm(model: QModel, out_dir: str | Path, *, fmt: str = "ct", dtype: st
         write_peft_adapter(model, lora, base_model_name_or_path=str(out_dir.resolve()),
                            force=force)
     return out_dir
+
+
+def write_safetensors(model: QModel, entries: dict[str, tuple[str, tuple[int, ...], int]],
+                      path: Path, fmt: str, dtype: str, ct_layout: str) -> None:
+    """``model.safetensors`` as ``safetensors.save_file`` lays it out (metadata
+    ``{"format": "pt"}``), written one QTensor / dense tensor at a time at planned offsets."""
+    scale_dtype, tdt = dtype_scale(dtype), TORCH_DTYPES[dtype]
+    with OffsetWriter(path, entries, {"format": "pt"}) as w:
+        for n in sorted(model.tensors):
+            if is_dense_only(n):
+                continue
+            qt = _retarget(model.tensors[n], fmt, scale_dtype)
+            for k, t in _layer_tensors(qt, fmt, tdt, ct_layout).items():
+                w.write(k, st_bytes(t))
+            del qt                              # before the next one is read
+        for n, t in dense_tensors(model, tdt):
+            w.write(n, st_bytes(t))

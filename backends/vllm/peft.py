@@ -23,6 +23,7 @@ import torch
 
 from qexport.atomic import atomic_output
 from qexport.ir import QModel
+from qexport.irstream import tensor_meta
 
 from .hf_folder import is_dense_only, module_of, save_safetensors
 
@@ -41,16 +42,16 @@ def adapter_dir(model_dir: str | Path) -> Path:
 
 def has_adapter(model: QModel) -> bool:
     """True when some packed linear carries LoRC factors."""
-    return any(qt.residual is not None and not is_dense_only(n)
-               for n, qt in model.tensors.items())
+    return any(tensor_meta(model.tensors, n)[2] for n in model.tensors if not is_dense_only(n))
 
 
 def peft_tensors(model: QModel) -> dict[str, torch.Tensor]:
     """``lora_A`` / ``lora_B`` weights of every packed linear with a residual."""
     out = {}
-    for name, qt in sorted(model.tensors.items()):
-        if qt.residual is None or is_dense_only(name):
+    for name in sorted(model.tensors):
+        if is_dense_only(name) or not tensor_meta(model.tensors, name)[2]:
             continue
+        qt = model.tensors[name]
         dt = _FACTOR_DTYPES[qt.residual.dtype]
         key = PEFT_PREFIX + module_of(name)
         out[f"{key}.lora_A.weight"] = torch.from_numpy(

@@ -235,7 +235,7 @@ def test_full_disk_enospc(micro_llama: Path, good_ir: Path, tmp_path: Path,
 
     def full_gguf(self, *a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_gguf)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full_gguf)
     out = tmp_path / "o.gguf"
     _fails(tmp_path, "export", good_ir, "--to", "gguf", "-o", out,
            needles=[f"disk full while writing {out}"])

@@ -83,13 +83,15 @@ def test_failing_gguf_write_leaves_nothing(lorc_ir: Path, tmp_path: Path, monkey
 
     from qexport.irio import load_ir
     from qexport.lowering import lower
-    real = gguf.GGUFWriter.write_tensors_to_file
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = []
 
-    def half(self, *a, **kw):              # header and metadata are on disk; tensors die
-        self.fout[0].write(b"\0" * 100) if isinstance(self.fout, list) else None
-        raise RuntimeError("packer failed mid-way")
-    assert real is not None
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half)
+    def half(self, *a, **kw):              # header, metadata and 3 tensors are on disk
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("packer failed mid-way")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", half)
     with pytest.raises(RuntimeError, match="mid-way"):
         lower(load_ir(lorc_ir), "gguf", tmp_path / "x.gguf")
     _assert_nothing_at(tmp_path, "x.")
@@ -125,7 +127,7 @@ def test_failing_onnx_write_leaves_nothing(lorc_ir: Path, tmp_path: Path, monkey
 def test_failing_vllm_write_leaves_nothing(lorc_ir: Path, tmp_path: Path, monkeypatch) -> None:
     from qexport.irio import load_ir
     from qexport.lowering import lower
-    monkeypatch.setattr("qexport.backends.vllm.lower.save_safetensors", _partial_writer())
+    monkeypatch.setattr("qexport.backends.vllm.lower.write_safetensors", _partial_writer())
     with pytest.raises(OSError):
         lower(load_ir(lorc_ir), "vllm", tmp_path / "x-vllm")
     _assert_nothing_at(tmp_path, "x-vllm")
