@@ -365,19 +365,24 @@ def imatrix_cmd(model: str, calib: str, output: str, n_samples: int, seq_len: in
 @click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--ctx", default=512, show_default=True, type=int)
 @click.option("--windows", default=None, type=int, help="Only the first N windows.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]),
+              help="ONNX folders: onnxruntime execution provider (auto: CUDA when usable).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_guard
-def eval_cmd(model: str, text: str, ctx: int, windows: int | None, as_json: bool,
-             quiet: bool) -> None:
-    """Perplexity of MODEL (source model or IR folder) on TEXT (DESIGN §7 protocol)."""
+def eval_cmd(model: str, text: str, ctx: int, windows: int | None, device: str,
+             as_json: bool, quiet: bool) -> None:
+    """Perplexity of MODEL on TEXT (DESIGN §7 protocol): a source model or IR folder with
+    qexport's torch forward, or an ONNX folder through onnxruntime."""
     from qexport.commands import run_eval
-    res = run_eval(model, text, ctx, windows, progress=not quiet)
+    res = run_eval(model, text, ctx, windows, progress=not quiet, device=device)
     if as_json:
         click.echo(json.dumps(res, indent=1))
     else:
         click.echo(f"perplexity over {res['n_windows']} windows of {ctx}: "
-                   f"all targets {res['all_targets']:.4f}, second half {res['second_half']:.4f}")
+                   f"all targets {res['all_targets']:.4f}, second half {res['second_half']:.4f} "
+                   f"({res['runtime']}, {res['provider']})")
 
 
 if __name__ == "__main__":

@@ -189,12 +189,34 @@ def print_report(report: Any, as_json: bool) -> bool:
     return ok
 
 
+_ONNX_NOT_TOKENIZER = ("model.onnx", "genai_config.json", "qexport_onnx.json")
+
+
+def _eval_onnx(folder: Path, text: str, ctx: int, windows: int | None, progress: bool,
+               device: str) -> dict[str, Any]:
+    """Perplexity through onnxruntime (``device``: auto = CUDA EP when usable, else CPU)."""
+    import onnxruntime as ort
+
+    from qexport.backends.onnx.runner import OnnxDecoder
+    from qexport.eval import load_eval_text, perplexity
+    dec = OnnxDecoder(folder / "model.onnx", device=device)
+    tok_files = {f.name: f.read_bytes() for f in sorted(folder.iterdir())
+                 if f.is_file() and not f.name.startswith(_ONNX_NOT_TOKENIZER)}
+    res = perplexity(lambda b: dec.logits(b.tolist()), load_eval_text(text, tok_files), ctx=ctx,
+                     n_windows=windows, progress=progress)
+    return {**res, "runtime": f"onnxruntime {ort.__version__}", "provider": dec.provider}
+
+
 def run_eval(model: str, text: str, ctx: int, windows: int | None,
-             progress: bool = True) -> dict[str, Any]:
-    """Perplexity of a source model or IR folder with qexport's torch forward."""
+             progress: bool = True, device: str = "auto") -> dict[str, Any]:
+    """Perplexity of a source model or IR folder with qexport's torch forward, or of an ONNX
+    folder through onnxruntime (``device`` picks its execution provider; the result names the
+    one that ran)."""
     from qexport.eval import load_eval_text, perplexity
     from qexport.model.forward import build_causal_lm
     p = Path(model)
+    if (p / "model.onnx").is_file():
+        return _eval_onnx(p, text, ctx, windows, progress, device)
     if (p / "manifest.json").is_file():
         from qexport.irio import load_ir
         qm = load_ir(p)
@@ -206,4 +228,4 @@ def run_eval(model: str, text: str, ctx: int, windows: int | None,
     lm = build_causal_lm(config, sd)
     res = perplexity(lm, load_eval_text(text, tok_files), ctx=ctx, n_windows=windows,
                      progress=progress)
-    return dict(res)
+    return {**res, "runtime": "qexport torch forward (fp32)", "provider": "torch CPU"}
