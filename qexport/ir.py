@@ -132,8 +132,8 @@ class QModel:
         clash = set(self.tensors) & set(self.passthrough)
         if clash:
             raise IRError(f"{sorted(clash)[0]}: present both as quantized and passthrough")
-        for qt in self.tensors.values():
-            qt.validate()
+        for name in self.tensors:            # one at a time (tensors may be read lazily)
+            self.tensors[name].validate()
         for name, arr in self.passthrough.items():
             if arr.dtype != np.float32:
                 raise IRError(f"{name}: passthrough expected float32 (not {arr.dtype})")

@@ -1,4 +1,4 @@
-"""Export streams the IR: ``load_ir(lazy=True)`` + GGUF / vLLM lowering hold one quantized tensor
+"""Export streams the IR: ``load_ir(lazy=True)`` + GGUF / vLLM / ONNX lowering hold one quantized tensor
 at a time and write the same bytes as lowering the IR held in memory. Oracle for the
 safetensors layout: the safetensors library's own ``save_file``."""
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _files(p: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(p.iterdir())}
 
 
-@pytest.mark.parametrize("target,name", [("gguf", "m.gguf"), ("vllm", "m-vllm")])
+@pytest.mark.parametrize("target,name", [("gguf", "m.gguf"), ("vllm", "m-vllm"),
+                                         ("onnx", "m-onnx")])
 def test_lazy_export_is_streamed_and_byte_identical(w4g32_ir: Path, tmp_path: Path,
                                                     monkeypatch, target: str,
                                                     name: str) -> None:

@@ -20,6 +20,8 @@ Linux only.
     .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem
     .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem --export-only \
         --export vllm
+    .venv/bin/python tools/bench_memory.py --layers 8 32 --method rtn --group-size 32 \
+        --export gguf --work /tmp/qx-mem-rtn         # export only matters: a quick RTN IR
 """
 from __future__ import annotations
 
@@ -100,10 +102,11 @@ def _dir_mib(p: Path) -> float:
 
 
 def _quantize_cmd(model: str, out: Path, calib: Path, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "qexport.cli", "quantize", model, "--method", "gptq",
-            "--bits", "4", "--group-size", str(args.group_size), "--sym", "--calib", str(calib),
-            "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "-o", str(out),
-            "--force", "--quiet"]
+    calib_args = (["--calib", str(calib), "--n-samples", str(args.n_samples), "--seq-len",
+                   str(args.seq_len)] if args.method != "rtn" else [])
+    return [sys.executable, "-m", "qexport.cli", "quantize", model, "--method", args.method,
+            "--bits", "4", "--group-size", str(args.group_size), "--sym", *calib_args,
+            "-o", str(out), "--force", "--quiet"]
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[str, int, str, Path]]:
@@ -133,7 +136,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qexport-bench-memory"))
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="32 makes the IR exactly GGUF Q4_0 (for --export gguf)")
+    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
+                    help="rtn: a quick IR for measuring --export alone")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     calib = calib_text(args.work)
@@ -151,7 +157,7 @@ def main() -> None:
                      ir_mib=_dir_mib(out))
             rows.append(r)
             print(f"{label} {step}: {r}", file=sys.stderr, flush=True)
-    print(f"\ngptq w4g{args.group_size}, calibration {args.n_samples}x{args.seq_len}; random "
+    print(f"\n{args.method} w4g{args.group_size}, calibration {args.n_samples}x{args.seq_len}; random "
           "models: hidden 576 / ffn 1536 / vocab 49152 (the sample model's shape)\n")
     print("| model | layers | step | source MiB | IR MiB | peak RSS MiB | peak anon MiB "
           "| peak file MiB | s |")

@@ -6,6 +6,7 @@ norms and the softmax are computed in fp32 in both variants (as transformers doe
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ __all__ = ["Dims", "MnbInits", "add_mnb_inits", "mnb_matmul", "float_linear", "l
            "rms_norm", "rotary", "attention"]
 
 FLOAT32_MIN = float(np.finfo(np.float32).min)
+_NONE_U8 = np.empty(0, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,17 @@ class MnbInits:
     B: str
     scales: str
     zero_points: str | None
-    w: MnbWeights
+    w: MnbWeights               # attributes only: its arrays are emptied once added
 
 
 def add_mnb_inits(gb: GraphBuilder, prefix: str, w: MnbWeights) -> MnbInits:
     """Add ``prefix.qweight`` / ``.scales`` / ``.qzeros`` initializers for a packed weight."""
     zp = gb.initializer(f"{prefix}.qzeros", w.zero_points) if w.zero_points is not None else None
-    return MnbInits(B=gb.initializer(f"{prefix}.qweight", w.B),
-                    scales=gb.initializer(f"{prefix}.scales", w.scales), zero_points=zp, w=w)
+    B = gb.initializer(f"{prefix}.qweight", w.B)
+    sc = gb.initializer(f"{prefix}.scales", w.scales)
+    # keep the node's attributes, not its arrays (they are initializers now; export streams)
+    meta = dataclasses.replace(w, B=_NONE_U8, scales=_NONE_U8, zero_points=None)
+    return MnbInits(B=B, scales=sc, zero_points=zp, w=meta)
 
 
 def mnb_matmul(gb: GraphBuilder, x: str, inits: MnbInits, name: str, accuracy_level: int) -> str:

@@ -1,18 +1,31 @@
 """A small ONNX graph builder over ``onnx.helper``: unique names, initializers, constants.
 
 Every op returns its output name(s), so graph code reads like the computation it emits.
+
+With ``external`` (an open data file and its name) every initializer of at least
+:data:`EXTERNAL_THRESHOLD` bytes goes to that file as soon as it is added and the graph keeps
+only its location, so building a graph holds one weight at a time. The file and the tensor
+entries are what ``onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True,
+size_threshold=1024)`` writes (onnx 1.23: initializers in graph order, back to back, over the
+threshold by ``sys.getsizeof`` of the raw bytes).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sys
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
 from qexport.errors import LoweringError
 
-__all__ = ["GraphBuilder", "OPSET", "MS_DOMAIN", "np_to_onnx_dtype"]
+__all__ = ["GraphBuilder", "OPSET", "MS_DOMAIN", "np_to_onnx_dtype", "EXTERNAL_THRESHOLD"]
+
+#: onnx.save_model's default size_threshold (compared with sys.getsizeof(raw_data))
+EXTERNAL_THRESHOLD = 1024
+_BYTES_OVERHEAD = sys.getsizeof(b"")      # sys.getsizeof(raw bytes) = this + len
 
 _FP16_MAX = 65504.0
 OPSET = 18           # BitwiseAnd / BitShift (quantized embeddings), ReduceMean with axes input
@@ -30,7 +43,8 @@ def np_to_onnx_dtype(dt: Any) -> int:
 class GraphBuilder:
     """Accumulates nodes, initializers, inputs and outputs of one graph."""
 
-    def __init__(self) -> None:
+    def __init__(self, external: tuple[BinaryIO, str] | None = None) -> None:
+        self.external = external
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -50,8 +64,24 @@ class GraphBuilder:
         """Add ``arr`` as an initializer under a unique name derived from ``name``."""
         name = self.unique(name)
         arr = np.array(arr, order="C")          # a C-order copy that keeps 0-d arrays 0-d
-        self.initializers.append(numpy_helper.from_array(arr, name))
+        if self.external is not None and arr.nbytes + _BYTES_OVERHEAD >= EXTERNAL_THRESHOLD:
+            self.initializers.append(self._external(name, arr))
+        else:
+            self.initializers.append(numpy_helper.from_array(arr, name))
         return name
+
+    def _external(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        """Write ``arr``'s little-endian bytes to the data file; a TensorProto that points there.
+        Built without ``raw_data`` (protobuf keeps a cleared field's memory in the message)."""
+        f, location = self.external
+        offset = f.tell()
+        f.write(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+        t = onnx.TensorProto(name=name, dims=arr.shape,
+                             data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+        t.raw_data = b""                    # set_external_data asks for the field
+        set_external_data(t, location, offset, f.tell() - offset)
+        t.ClearField("raw_data")
+        return t
 
     def float_init(self, name: str, arr: np.ndarray, np_dt: Any) -> str:
         """A float initializer in the graph dtype; refuses values the dtype cannot hold."""

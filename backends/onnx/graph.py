@@ -18,12 +18,14 @@ when the QTensor has a residual); float linears are MatMul; the float lm_head is
 """
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from qexport.errors import LoweringError
-from qexport.ir import QModel
+from qexport.ir import QModel, QTensor
 
 from .arch import DecoderConfig, decoder_config, rope_cache
 from .blocks import (Dims, MnbInits, add_mnb_inits, attention, float_linear, lowrank_branch,
@@ -60,9 +62,10 @@ class _Weights:
         self.used.add(name)
         return self.m.passthrough[name]
 
-    def mnb(self, gb: GraphBuilder, name: str) -> MnbInits:
+    def mnb(self, gb: GraphBuilder, name: str, qt: QTensor | None = None) -> MnbInits:
+        """The packed initializers of ``name`` (``qt``: the QTensor if already read)."""
         if name not in self.packed:
-            w = pack_qtensor(self.m.tensors[name], self.dtype)
+            w = pack_qtensor(qt if qt is not None else self.m.tensors[name], self.dtype)
             self.packed[name] = add_mnb_inits(gb, name.removesuffix(".weight"), w)
             self.used.add(name)
         return self.packed[name]
@@ -74,19 +77,20 @@ class _Weights:
         wname = f"{prefix}.weight"
         if not self.has(wname):
             raise LoweringError(f"{wname}: missing from the IR")
-        got = self.m.tensors[wname].shape if self.is_quant(wname) \
-            else tuple(self.m.passthrough[wname].shape)
+        # read once (a lazy IR reads each access from disk)
+        qt = self.m.tensors[wname] if self.is_quant(wname) else None
+        w = self.float(wname) if qt is None else None
+        got = qt.shape if qt is not None else tuple(w.shape)
         if shape is not None and tuple(got) != shape:
             raise LoweringError(f"{wname}: expected shape {list(shape)} from the config "
                                 f"(not {list(got)})")
-        if self.is_quant(wname):
-            y = mnb_matmul(gb, x, self.mnb(gb, wname), prefix, self.acc)
-            res = self.m.tensors[wname].residual
-            if res is not None:
-                r = lowrank_branch(gb, x, res.A, res.B, prefix, self.d.np_dt)
+        if qt is not None:
+            y = mnb_matmul(gb, x, self.mnb(gb, wname, qt), prefix, self.acc)
+            if qt.residual is not None:
+                r = lowrank_branch(gb, x, qt.residual.A, qt.residual.B, prefix, self.d.np_dt)
                 y = gb.op("Add", [y, r], name=f"{prefix}/lorc/Add")
         else:
-            y = float_linear(gb, x, self.float(wname), prefix, self.d.np_dt)
+            y = float_linear(gb, x, w, prefix, self.d.np_dt)
         if self.has(f"{prefix}.bias"):
             b = gb.float_init(f"{prefix}.bias", self.float(f"{prefix}.bias"), self.d.np_dt)
             y = gb.op("Add", [y, b], name=f"{prefix}/AddBias")
@@ -189,8 +193,10 @@ def _layer(gb: GraphBuilder, W: _Weights, h: str, i: int, rope: tuple[str, str],
     return gb.op("Add", [h, down], name=f"{p}/mlp_residual")
 
 
-def build_decoder(model: QModel, dtype: str = "fp32", accuracy_level: int = 0) -> onnx.ModelProto:
-    """Build the decoder ModelProto (initializers in memory; lower.py saves them externally).
+def build_decoder(model: QModel, dtype: str = "fp32", accuracy_level: int = 0,
+                  external: tuple[BinaryIO, str] | None = None) -> onnx.ModelProto:
+    """Build the decoder ModelProto. Initializers stay in memory, or with ``external`` (an open
+    data file, its name beside model.onnx) large ones are written there as they are made.
 
     Raises UnsupportedError / LoweringError naming the tensor or config field that cannot be
     lowered exactly, and LoweringError for IR tensors the graph would not use.
@@ -202,7 +208,7 @@ def build_decoder(model: QModel, dtype: str = "fp32", accuracy_level: int = 0) -
     dc = decoder_config(model.config)
     elem, np_dt = GRAPH_ELEM[dtype]
     d = Dims(dc.hidden, dc.heads, dc.kv_heads, dc.head_dim, dc.eps, elem, np_dt)
-    gb = GraphBuilder()
+    gb = GraphBuilder(external)
     gb.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     gb.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
     kv_shape = ["batch_size", dc.kv_heads, "past_sequence_length", dc.head_dim]

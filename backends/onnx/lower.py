@@ -21,6 +21,7 @@ import onnx
 from qexport.atomic import atomic_output
 from qexport.errors import IRError, LoweringError
 from qexport.ir import QModel
+from qexport.irstream import tensor_meta
 
 from .arch import decoder_config
 from .genai import DATA_FILE, MODEL_FILE, write_genai_files
@@ -31,15 +32,19 @@ __all__ = ["lower_onnx", "MANIFEST_FILE"]
 MANIFEST_FILE = "qexport_onnx.json"
 
 
+def _quant_entry(model: QModel, name: str) -> dict[str, Any]:
+    spec, shape, has_res = tensor_meta(model.tensors, name)
+    rank = model.tensors[name].residual.rank if has_res else 0      # read only with LoRC
+    return {"spec": spec.name, "shape": list(shape), "residual_rank": rank}
+
+
 def _manifest(model: QModel, dtype: str, accuracy_level: int, proto: onnx.ModelProto,
               files: list[str]) -> dict[str, Any]:
     meta = {p.key: p.value for p in proto.metadata_props}
     return {"format": "qexport-onnx", "version": 1, "dtype": dtype,
             "accuracy_level": accuracy_level, "architecture": model.architecture,
             "min_onnxruntime": meta.get("qexport.min_onnxruntime"),
-            "quantized": {n: {"spec": qt.spec.name, "shape": list(qt.shape),
-                              "residual_rank": qt.residual.rank if qt.residual else 0}
-                          for n, qt in sorted(model.tensors.items())},
+            "quantized": {n: _quant_entry(model, n) for n in sorted(model.tensors)},
             "files": sorted([MODEL_FILE, DATA_FILE, MANIFEST_FILE] + files)}
 
 
@@ -60,13 +65,12 @@ def lower_onnx(model: QModel, out_dir: str | os.PathLike, *, dtype: str = "fp32"
     except IRError as e:
         raise LoweringError(f"IR invalid, not lowered: {e}") from e
     dc = decoder_config(model.config)
-    proto = build_decoder(model, dtype, accuracy_level)
     out = Path(out_dir)
     with atomic_output(out, is_dir=True, force=force) as tmp:
-        onnx.save_model(proto, str(tmp / MODEL_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-        if not (tmp / DATA_FILE).exists():      # tiny graphs: keep the promised file layout
-            (tmp / DATA_FILE).write_bytes(b"")
+        # large initializers go to model.onnx.data as the graph is built (one weight in memory)
+        with open(tmp / DATA_FILE, "wb") as data:
+            proto = build_decoder(model, dtype, accuracy_level, external=(data, DATA_FILE))
+        onnx.save_model(proto, str(tmp / MODEL_FILE))
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         files = write_genai_files(tmp, model, dc, cuda=dtype == "fp16")
         (tmp / MANIFEST_FILE).write_text(
