@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import mmap
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,21 +234,58 @@ def _trim_heap() -> None:
         pass
 
 
+class _Activations:
+    """The residual stream ``h`` float32 ``[N, T, hidden]``: in RAM, or (``offload``) in an
+    unlinked temporary file in ``$TMPDIR`` mapped into memory, whose pages are handed back to
+    the kernel after every layer (:meth:`release`), so they count against the page cache, not
+    the process (the kernel writes them back to the file under memory pressure)."""
+
+    def __init__(self, shape: tuple[int, int, int], offload: bool) -> None:
+        self.mm = None
+        if not offload:
+            self.h = torch.empty(shape, dtype=torch.float32)
+            return
+        f = tempfile.TemporaryFile(prefix="qexport-activations-")
+        try:
+            self.mm = np.memmap(f, dtype=np.float32, mode="w+", shape=shape)
+        except OSError as e:
+            raise InputError(f"--offload-activations: could not create a {_gib(shape):.2f} GiB "
+                             f"activation file in {tempfile.gettempdir()} ({e.strerror}); set "
+                             "TMPDIR to a disk with room") from e
+        finally:
+            f.close()                                  # the mapping keeps the data
+        self.h = torch.from_numpy(self.mm)
+
+    def release(self) -> None:
+        if self.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mm._mmap.madvise(mmap.MADV_DONTNEED)  # shared file mapping: data stays
+
+
+def _gib(shape: tuple[int, ...]) -> float:
+    return float(np.prod(shape)) * 4 / 2**30
+
+
 def _initial_hidden(model: Any, samples: torch.Tensor, start_layer: int,
-                    hidden: torch.Tensor | None) -> torch.Tensor:
+                    hidden: torch.Tensor | None, offload: bool = False,
+                    bs: int = 8) -> _Activations:
     """Embeddings of ``samples`` (fresh run) or the saved ``hidden`` (resume), float32
     ``[N, T, hidden]``."""
     a = model.arch
-    if start_layer == 0 and hidden is None:
-        emb = torch.from_numpy(model.get("model.embed_tokens.weight"))
-        return torch.nn.functional.embedding(samples.long(), emb)
     want = (int(samples.shape[0]), int(samples.shape[1]), int(a.hidden))
+    if start_layer == 0 and hidden is None:
+        act = _Activations(want, offload)
+        emb = torch.from_numpy(model.get("model.embed_tokens.weight"))
+        for sl in _batches(want[0], bs):
+            act.h[sl] = torch.nn.functional.embedding(samples[sl].long(), emb)
+        return act
     if not 0 <= start_layer <= a.n_layers or hidden is None \
             or tuple(hidden.shape) != want or hidden.dtype != torch.float32:
         got = None if hidden is None else f"{hidden.dtype} {list(hidden.shape)}"
         raise InputError(f"resume at layer {start_layer}: expected saved hidden states float32 "
                          f"{list(want)} and a layer in [0, {a.n_layers}] (not {got})")
-    return hidden.clone()
+    act = _Activations(want, offload)
+    act.h.copy_(hidden)
+    return act
 
 
 def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeFn, *,
@@ -255,7 +294,7 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
                        cache_bytes: int = 1 << 30, start_layer: int = 0,
                        hidden: torch.Tensor | None = None,
                        on_layer_state: Callable[[int, torch.Tensor], None] | None = None,
-                       v_hessian: str = "plain") -> dict[str, Any]:
+                       v_hessian: str = "plain", offload: bool = False) -> dict[str, Any]:
     """Run GPTQ-style sequential calibration over ``model`` (a SourceModel).
 
     Args:
@@ -276,6 +315,9 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
             gets a Hessian whose tokens are weighted by the squared attention they receive, so
             that its objective is the attention output's error (attention-sink tokens dominate
             it); q/k/o/gate/up/down keep the plain Hessian. See docs/gptq-value-hessian.md.
+        offload: keep the residual stream in a temporary file (``$TMPDIR``) instead of RAM and
+            recompute group inputs instead of caching them (``cache_bytes`` 0): peak memory is
+            one batch's activations, not ``N x T x hidden`` floats. Same results bit for bit.
 
     Returns:
         ``{"layers", "n_samples", "seq_len", "seconds", "seconds_forward", "seconds_hessian",
@@ -299,7 +341,10 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
     stats, t_start = _Stats(), time.perf_counter()
     try:
         with torch.no_grad():
-            h = _initial_hidden(model, samples, start_layer, hidden)
+            act = _initial_hidden(model, samples, start_layer, hidden, offload, batch_size)
+            h = act.h
+            if offload:
+                cache_bytes = 0
             rope = Rotary(a)(samples.shape[1])
             for i in tqdm(range(start_layer, a.n_layers), desc="calibrate", unit="layer",
                           disable=not progress, initial=start_layer, total=a.n_layers):
@@ -310,6 +355,7 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
                 _trim_heap()
                 if on_layer_state is not None:
                     on_layer_state(i, h)
+                act.release()
                 if on_layer_done is not None:
                     on_layer_done(i)
     finally:

@@ -154,6 +154,9 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="gptq/leanquant: v_proj's Hessian. attention: tokens weighted by the "
                           "squared attention they receive (attention sinks count; see README); "
                           "plain: reference GPTQ, every token alike."),
+        click.option("--offload-activations", is_flag=True,
+                     help="gptq/leanquant: keep the calibration activations in a temporary "
+                          "file in $TMPDIR instead of RAM (same result, less memory)."),
         click.option("--lorc-rank", default=0, show_default=True, type=int,
                      help="Add LoRC low-rank residual factors of this rank."),
         click.option("--imatrix", default=None, metavar="FILE|auto",

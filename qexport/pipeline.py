@@ -42,6 +42,7 @@ class QuantizeOptions:
     act_order: bool | None = None          # None: the method's DEFAULT_ACT_ORDER
     static_groups: bool = False
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
+    offload_activations: bool = False      # calibration residual stream in a $TMPDIR file
     lorc_rank: int = 0
     imatrix: str | None = None             # rtn on GGUF grids: llama-imatrix GGUF path or "auto"
     tesseraq: dict[str, Any] = field(default_factory=dict)   # TesseraQOptions overrides
@@ -55,6 +56,9 @@ class QuantizeOptions:
         if self.method in CALIBRATED and not self.calib:
             raise UnsupportedError(f"--method {self.method} needs calibration text (--calib FILE)")
         self._check_imatrix()
+        if self.offload_activations and self.method not in ("gptq", "leanquant", "leanquant-nu"):
+            raise UnsupportedError(f"--offload-activations applies to the layer-wise calibrated "
+                                   f"methods gptq, leanquant, leanquant-nu (not {self.method})")
         if self.method == "tesseraq":
             _check_tesseraq_options(self)
         elif self.tesseraq:
@@ -290,7 +294,7 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                                           if n.startswith(prefix)}, h)
         quantize_layerwise(src, samples, quantize_fn, progress=opts.progress,
                            start_layer=start, hidden=hidden, on_layer_state=on_state,
-                           v_hessian=opts.v_hessian)
+                           v_hessian=opts.v_hessian, offload=opts.offload_activations)
     else:
         from tqdm import tqdm
         imatrix: dict[str, np.ndarray] = {}
@@ -312,8 +316,9 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
             W = src.get(name)
             _check_finite(name, W)
             finish(name, _rtn(name, W, plan[name], None), W)
+    # progress and offloading change how a run looks and where memory goes, not its result
     prov = {"method": opts.method, "options": {k: v for k, v in asdict(opts).items()
-                                               if k not in ("progress",)},
+                                               if k not in ("progress", "offload_activations")},
             "calibration": calib_info, "source": getattr(src, "source", ""), "host": platform.machine()}
     prov.update(method_prov)
     recipe = {"tensors": {n: p.to_dict() for n, p in plan.items()}}

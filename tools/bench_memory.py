@@ -20,6 +20,8 @@ Linux only.
     .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem
     .venv/bin/python tools/bench_memory.py --layers 8 32 --work /tmp/qx-mem --export-only \
         --export vllm
+    .venv/bin/python tools/bench_memory.py --layers --sample --n-samples 128 --seq-len 512 \
+        --offload --work /tmp/qx-mem-off         # the sample model, activations in a file
     .venv/bin/python tools/bench_memory.py --layers 8 32 --method rtn --group-size 32 \
         --export gguf --work /tmp/qx-mem-rtn         # export only matters: a quick RTN IR
 """
@@ -104,9 +106,10 @@ def _dir_mib(p: Path) -> float:
 def _quantize_cmd(model: str, out: Path, calib: Path, args: argparse.Namespace) -> list[str]:
     calib_args = (["--calib", str(calib), "--n-samples", str(args.n_samples), "--seq-len",
                    str(args.seq_len)] if args.method != "rtn" else [])
+    offload = ["--offload-activations"] if args.offload else []
     return [sys.executable, "-m", "qexport.cli", "quantize", model, "--method", args.method,
             "--bits", "4", "--group-size", str(args.group_size), "--sym", *calib_args,
-            "-o", str(out), "--force", "--quiet"]
+            *offload, "-o", str(out), "--force", "--quiet"]
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[str, int, str, Path]]:
@@ -138,6 +141,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=64,
                     help="32 makes the IR exactly GGUF Q4_0 (for --export gguf)")
+    ap.add_argument("--offload", action="store_true",
+                    help="quantize with --offload-activations (activations in a $TMPDIR file)")
     ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
                     help="rtn: a quick IR for measuring --export alone")
     args = ap.parse_args()
@@ -145,7 +150,8 @@ def main() -> None:
     calib = calib_text(args.work)
     rows = []
     for label, n, model, path in _cases(args):
-        out = args.work / f"{label.split()[0].replace(':', '-')}-{n}.qir"
+        off = "-offload" if args.offload else ""
+        out = args.work / f"{label.split()[0].replace(':', '-')}-{n}{off}.qir"
         steps = [] if args.export_only else [("quantize", _quantize_cmd(model, out, calib, args))]
         if args.export:
             steps.append((f"export {args.export}", [
@@ -157,7 +163,7 @@ def main() -> None:
                      ir_mib=_dir_mib(out))
             rows.append(r)
             print(f"{label} {step}: {r}", file=sys.stderr, flush=True)
-    print(f"\n{args.method} w4g{args.group_size}, calibration {args.n_samples}x{args.seq_len}; random "
+    print(f"\n{args.method} w4g{args.group_size}{' --offload-activations' if args.offload else ''}, calibration {args.n_samples}x{args.seq_len}; random "
           "models: hidden 576 / ffn 1536 / vocab 49152 (the sample model's shape)\n")
     print("| model | layers | step | source MiB | IR MiB | peak RSS MiB | peak anon MiB "
           "| peak file MiB | s |")
