@@ -77,7 +77,7 @@ def _rows() -> list[Row]:
         tag = f"b{block}-{'sym' if sym else 'asym'}"
         for algo in ("default", "rtn", "hqq", "gptq"):
             rows.append(Row(f"ort-{algo}-{tag}", "ort", algo, block, sym))
-        for algo in ("rtn", "gptq"):
+        for algo in ("rtn", "gptq", "leanquant", "tesseraq"):
             rows.append(Row(f"qexport-{algo}-{tag}", "qexport", algo, block, sym))
     return rows
 

@@ -150,9 +150,9 @@ def targets(bucket: dict[str, Any], rows: list[Any], best: Callable[..., Any]) -
 
 
 NOTES = [
-    "- `qexport eval FOLDER` does not take an ONNX folder yet (it evaluates source models and "
-    "IRs with qexport's torch forward), so the benchmark calls `qexport.eval.perplexity` — the "
-    "same DESIGN §7 code — on an onnxruntime session of each folder.",
+    "- The benchmark calls `qexport.eval.perplexity` — the DESIGN §7 code that `qexport eval "
+    "FOLDER` also runs on ONNX folders — on its own onnxruntime CPU session of each folder "
+    "(fixed threads, spin-waiting off).",
     "- ORT HQQ stores float zero points (and 1-D scales / zero points). onnxruntime's CPU "
     "kernel has no fast M = 1 path for them: its decode is several times slower than every "
     "uint8-zero-point or symmetric graph at both accuracy levels, while prefill (M = 128) is not.",
@@ -173,8 +173,9 @@ NOTES = [
     "same skeleton, so qexport's speed ratios are ≈ 1 up to measurement noise (about ±10 % "
     "between identical graphs); the large ratios against HQQ are its float-zero-point slow path.",
     "- Every onnxruntime quantizer tried ran (DEFAULT, RTN, HQQ, GPTQ at blocks 32 and 128); none "
-    "failed. Only qexport's rtn and gptq were measured here, not leanquant / tesseraq (the "
-    "frontend comparison has not picked a best method on this model yet).",
+    "failed. qexport leanquant / tesseraq rows (where present) lower the IRs of "
+    "tools/bench_quality.py --suite methods (W4 g128 sym, `--reuse-ir`); they were not run at "
+    "block 32 asym.",
 ]
 
 

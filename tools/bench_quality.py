@@ -7,6 +7,14 @@ configuration already measured is skipped unless ``--redo``) and written as a ma
 
     .venv/bin/python tools/bench_quality.py --suite foundation      # FP, RTN/GPTQ W4g128s, W3g128a
     .venv/bin/python tools/bench_quality.py --suite methods         # + LeanQuant, TesseraQ, LoRC
+    .venv/bin/python tools/bench_quality.py --suite table --only "W2"  # cells of issue 4's table
+    .venv/bin/python tools/bench_quality.py --report                  # docs/bench/methods.md only
+
+``--suite table`` is issue 4's method table: rows RTN, GPTQ, LeanQuant (affine), LeanQuant-nu,
+TesseraQ, each alone and + LoRC r=8; columns W4 g128 sym, W3 g128 asym, W2 g64 asym and the
+GGUF grids Q4_0, IQ4_NL and Q3_K with llama.cpp's 256-column fallbacks (``--pure``). One cell
+is one quantization (minutes to an hour on 2 cores), so the table fills over several runs; the
+cache keeps every finished cell and ``docs/bench/methods.md`` shows the measured ones.
 
 Calibration: 128 x 512 tokens of ../shared/data/exllamav2-cal/c4.utf8 (seed 0).
 Evaluation: first 80 windows of 512 of ../shared/data/wikitext-2-raw/wiki.test.raw.
@@ -46,12 +54,28 @@ VARIANTS = {
     "leanquant": ("leanquant", []),
     "tesseraq": ("tesseraq", []),
     "gptq + LoRC r8": ("gptq", ["--lorc-rank", "8"]),
+    "leanquant-nu": ("leanquant-nu", []),
+    "rtn + LoRC r8": ("rtn", ["--lorc-rank", "8"]),
+    "leanquant + LoRC r8": ("leanquant", ["--lorc-rank", "8"]),
+    "leanquant-nu + LoRC r8": ("leanquant-nu", ["--lorc-rank", "8"]),
+    "tesseraq + LoRC r8": ("tesseraq", ["--lorc-rank", "8"]),
 }
+#: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
+TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq", "rtn + LoRC r8",
+              "gptq + LoRC r8", "leanquant + LoRC r8", "leanquant-nu + LoRC r8",
+              "tesseraq + LoRC r8"]
+_NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
+
+
+def _cell_applies(row: str, column: str) -> bool:
+    return not (row.startswith("leanquant-nu") and column in _NOT_GGUF)
+
 _FOUNDATION = ("rtn", "gptq", "gptq, reference (--v-hessian plain --no-act-order)")
 SUITES = {
     "foundation": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym") for v in _FOUNDATION],
     "methods": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                 for v in ("leanquant", "tesseraq", "gptq + LoRC r8")],
+    "table": [(v, c) for c in COLUMNS for v in TABLE_ROWS if _cell_applies(v, c)],
 }
 
 
@@ -125,11 +149,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / ".cache" / "bench_quality"))
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--only", default=None, help="substring filter on method__column")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite docs/bench/methods.md from the cache")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rf = out / "results.json"
     results = json.loads(rf.read_text()) if rf.is_file() else {}
+    if a.report:
+        write_methods(results)
+        return
     if "fp" not in results or (a.redo and (not a.only or a.only == "fp")):
         results["fp"] = _eval(MODEL, out, "fp")
         rf.write_text(json.dumps(results, indent=1))
@@ -145,7 +174,15 @@ def main() -> None:
         print(json.dumps(results[key]), flush=True)
     md = table(results)
     (out / "results.md").write_text(md)
+    write_methods(results)
     print(md)
+
+
+def write_methods(results: dict) -> None:
+    """docs/bench/methods.md (issue 4's table) from whatever cells are measured."""
+    from bench_quality_report import methods_markdown
+    doc = REPO / "docs" / "bench" / "methods.md"
+    doc.write_text(methods_markdown(results, TABLE_ROWS, list(COLUMNS), _cell_applies))
 
 
 if __name__ == "__main__":
