@@ -10,7 +10,10 @@ the weighted objective.
 | spec kind           | candidates per row-group (``grid`` = ``grid_points``)       |
 |---------------------|-------------------------------------------------------------|
 | affine/none (sym)   | ``scale = (2 max|w| / maxq) f``, f in linspace(0.3, 1.1,    |
-|                     | 4 grid)                                                     |
+|                     | 4 grid); GGUF (Q4_0/Q5_0/Q8_0, whose ``d`` is signed) also  |
+|                     | ``scale = (signed extreme / t) f``, t the lowest and highest |
+|                     | level, f in linspace(0.7, 1.15, 2 grid): llama.cpp's own    |
+|                     | ``d = max / -8`` is the t = -8, f = 1 candidate             |
 | affine/int (asym)   | ``lo = min(w, 0)(1 - a)``, ``hi = max(w, 0)(1 - b)``, a, b  |
 |                     | in linspace(0, 0.6, grid) (grid^2 pairs) -> fp16 ``scale =  |
 |                     | (hi - lo) / maxq``, integer ``zero = round(-lo / scale)``   |
@@ -191,6 +194,14 @@ def _search_scale(spec: GridSpec, x: Tensor, s: Tensor, base: Tensor, factors: T
     return sc
 
 
+def _signed_scales(spec: GridSpec) -> bool:
+    """Whether a symmetric affine spec's scale may be negative in the search: GGUF's legacy
+    types store ``d`` signed and llama.cpp maps each block's signed extreme to the lowest
+    level; other targets are only searched with positive scales (their kernels are only
+    exercised with those)."""
+    return spec.zero == ZeroDomain.NONE and spec.name.startswith("gguf-")
+
+
 def _affine_params(spec: GridSpec, a: torch.Tensor, b: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Snap continuous ``(a, b)`` of ``a q + b``: INT -> fp16 scale, integer zero (b=-a z);
@@ -218,7 +229,15 @@ def _search_affine(spec: GridSpec, W: np.ndarray, s: torch.Tensor, grid: int, re
     if spec.zero == ZeroDomain.NONE:
         f = torch.cat([torch.ones(1), torch.linspace(0.3, 1.1, 4 * grid)])
         base = torch.from_numpy(mm.scales)[..., None]                 # min-max scale first
-        return AffineGrid(scales=_search_scale(spec, x, s, base, f, refine, True).numpy())
+        cand = (base[..., None] * f).flatten(2)
+        if _signed_scales(spec):
+            T = levels_of(spec)
+            ext = x.gather(-1, torch.argmax(x.abs(), dim=-1, keepdim=True))
+            ends = torch.cat([ext / T[0], ext / T[-1]], 2)
+            cand = torch.cat([cand, (ends[..., None] * torch.linspace(0.7, 1.15, 2 * grid))
+                              .flatten(2)], 2)
+        sc = _search_scale(spec, x, s, cand, torch.ones(1), refine, not _signed_scales(spec))
+        return AffineGrid(scales=sc.numpy())
     xmin, xmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     t = torch.linspace(0.0, 0.6 if spec.zero == ZeroDomain.INT else 0.3, grid)
     ta, tb = [u.reshape(1, 1, -1) for u in torch.meshgrid(t, t, indexing="ij")]

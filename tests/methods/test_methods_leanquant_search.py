@@ -133,3 +133,32 @@ def test_superblock_spans_concatenate(rng):
                             for gg, c in zip(grids, (0, 256))], axis=1)
     validate(codes, g, spec, "t")
     assert dequantize(codes, g, spec).shape == (12, 512)
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q5_0", "Q8_0"])
+def test_gguf_sym_search_uses_signed_d_and_beats_positive_only(gguf_type: str) -> None:
+    """On GGUF's signed-d legacy types the search also tries llama.cpp's d = extreme / lowest
+    level: never worse than the positive-only search (same spec under another name), some
+    blocks pick a negative d, all-zero blocks stay exact, and gguf-py decodes our values."""
+    import dataclasses
+
+    import gguf
+
+    from qexport.backends.gguf.pack import pack_tensor
+    from qexport.backends.gguf.types import spec_for
+    rng = np.random.default_rng(3)
+    spec = spec_for(gguf_type)
+    W = (rng.standard_normal((64, 32)) * rng.uniform(0.01, 2, (64, 1))).astype(np.float32)
+    W[3] = 0.0                                       # one span = one 32-column block
+    w = rng.uniform(0.1, 1.0, 32).astype(np.float32)
+    g = search_span(spec, W, w)
+    pos = search_span(dataclasses.replace(spec, name="positive-only"), W, w)
+    assert span_error(spec, g, W, w) <= span_error(spec, pos, W, w)
+    assert (g.scales < 0).any() and (pos.scales > 0).all()
+    codes = quantize_nearest(spec, g, W, 0)
+    validate(codes, g, spec, "w")
+    deq = dequantize(codes, g, spec)
+    assert np.all(deq[3] == 0)
+    blob = pack_tensor(codes, g, spec, "w")
+    ref = gguf.quants.dequantize(blob, gguf.GGMLQuantizationType[gguf_type])
+    assert np.array_equal(ref.reshape(W.shape).astype(np.float32), deq)
