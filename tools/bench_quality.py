@@ -36,6 +36,7 @@ SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
 CALIB = SHARED / "data" / "exllamav2-cal" / "c4.utf8"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODEL = "sample:smollm2"
+DEFAULT_OUT = REPO / ".cache" / "bench_quality"
 
 COLUMNS = {
     "W4 g128 sym": ["--bits", "4", "--group-size", "128", "--sym"],
@@ -59,6 +60,8 @@ VARIANTS = {
     "leanquant + LoRC r8": ("leanquant", ["--lorc-rank", "8"]),
     "leanquant-nu + LoRC r8": ("leanquant-nu", ["--lorc-rank", "8"]),
     "tesseraq + LoRC r8": ("tesseraq", ["--lorc-rank", "8"]),
+    "leanquant, --p 1": ("leanquant", ["--p", "1"]),
+    "leanquant, --p 0": ("leanquant", ["--p", "0"]),
 }
 #: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
 TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq", "rtn + LoRC r8",
@@ -76,6 +79,9 @@ SUITES = {
     "methods": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                 for v in ("leanquant", "tesseraq", "gptq + LoRC r8")],
     "table": [(v, c) for c in COLUMNS for v in TABLE_ROWS if _cell_applies(v, c)],
+    # LeanQuant's loss-weight exponent (default 2) at W4 / W3
+    "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
+                    for v in ("leanquant, --p 1", "leanquant, --p 0")],
 }
 
 
@@ -146,7 +152,8 @@ def table(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="foundation", choices=sorted(SUITES))
-    ap.add_argument("--out", default=str(REPO / ".cache" / "bench_quality"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
+                    help="cache folder; docs/bench/methods.md is written from the default one")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--only", default=None, help="substring filter on method__column")
     ap.add_argument("--report", action="store_true",
@@ -174,7 +181,8 @@ def main() -> None:
         print(json.dumps(results[key]), flush=True)
     md = table(results)
     (out / "results.md").write_text(md)
-    write_methods(results)
+    if out.resolve() == DEFAULT_OUT.resolve():
+        write_methods(results)
     print(md)
 
 
