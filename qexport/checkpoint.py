@@ -36,6 +36,9 @@ from qexport.ir import LowRank, QTensor
 
 __all__ = ["Checkpoint", "partial_dir", "run_settings", "settings_diff", "FORMAT"]
 
+#: options that do not change a run's result (a resume may differ in them)
+_NOT_OUTPUT = ("progress", "calib", "offload_activations")
+
 FORMAT = "qexport-checkpoint"
 VERSION = 1
 _MANIFEST = "manifest.json"
@@ -59,9 +62,9 @@ def _fingerprint(source: str) -> dict[str, Any]:
 
 def run_settings(src: Any, plan: dict[str, Any], opts: Any,
                  calib_info: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines a run's output: options (minus the calibration file's path and
-    progress), calibration hash, source files, and each tensor's GridSpec."""
-    options = {k: v for k, v in asdict(opts).items() if k not in ("progress", "calib")}
+    """Everything that determines a run's output: options (minus the calibration file's path,
+    progress and activation offloading), calibration hash, source files, and each tensor's GridSpec."""
+    options = {k: v for k, v in asdict(opts).items() if k not in _NOT_OUTPUT}
     source = str(getattr(src, "source", ""))
     settings = {"options": options, "calibration": calib_info.get("hash"),
                 "source": {"path": os.path.abspath(source) if Path(source).exists() else source,

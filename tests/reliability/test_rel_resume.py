@@ -63,7 +63,8 @@ def test_interrupt_then_resume_gives_same_bytes(micro_llama: Path, calib_file: P
     real_run = calib._run_layer
     monkeypatch.setattr(calib, "_run_layer", lambda layer, h, i, *a: (ran.append(i),
                                                                       real_run(layer, h, i, *a)))
-    res = run_cli(*args, "--resume")
+    # offloading the activations changes where they live, not the result: a resume may add it
+    res = run_cli(*args, "--resume", "--offload-activations")
     assert res.exit_code == 0, res.stderr
     assert ran == [1], f"resume re-ran layers {ran}"
     assert snapshot(out) == reference
