@@ -146,17 +146,12 @@ def _permute_grid(grid: Grid, n_head: int) -> Grid:
                                         for k, v in grid.arrays().items()})
 
 
-def _quantized(name: str, qt: QTensor, n_head: int | None) -> tuple[np.ndarray, str]:
-    try:
-        row = type_for_spec(qt.spec)
-    except UnsupportedError as e:
-        raise LoweringError(f"{name}: spec {qt.spec.name!r} is not a GGUF type; expected one "
-                            f"of {', '.join(t.spec.name for t in GGUF_TYPES.values())} "
-                            f"({', '.join(GGUF_TYPES)})") from e
+def _packed(name: str, qt: QTensor, n_head: int | None) -> np.ndarray:
+    """Packed blocks of ``qt`` (its type already checked by :func:`_quant_entry`)."""
     codes, grid = qt.codes, qt.grid
     if n_head is not None:
         codes, grid = permute_rows(codes, n_head), _permute_grid(grid, n_head)
-    return pack_tensor(codes, grid, qt.spec, name), row.name
+    return pack_tensor(codes, grid, qt.spec, name)
 
 
 def _order(name: str) -> tuple[int, int, str]:
@@ -242,7 +237,7 @@ def plan_entries(model: QModel) -> list[_Entry]:
 def entry_data(model: QModel, e: _Entry) -> np.ndarray:
     """The bytes of one planned tensor: packed blocks ``uint8 [out, row_bytes]`` or F16/F32."""
     if e.dtype == np.uint8:
-        return _quantized(e.name, model.tensors[e.name], e.heads)[0]
+        return _packed(e.name, model.tensors[e.name], e.heads)
     a = np.ascontiguousarray(model.passthrough[e.name], dtype=np.float32)
     if e.heads is not None:
         a = permute_rows(a, e.heads)
