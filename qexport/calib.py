@@ -241,24 +241,26 @@ class _Activations:
     the process (the kernel writes them back to the file under memory pressure)."""
 
     def __init__(self, shape: tuple[int, int, int], offload: bool) -> None:
-        self.mm = None
+        self.mm: mmap.mmap | None = None
         if not offload:
             self.h = torch.empty(shape, dtype=torch.float32)
             return
+        nbytes = int(np.prod(shape)) * 4
         f = tempfile.TemporaryFile(prefix="qexport-activations-")
         try:
-            self.mm = np.memmap(f, dtype=np.float32, mode="w+", shape=shape)
+            f.truncate(nbytes)
+            self.mm = mmap.mmap(f.fileno(), nbytes)          # shared, read-write
         except OSError as e:
             raise InputError(f"--offload-activations: could not create a {_gib(shape):.2f} GiB "
                              f"activation file in {tempfile.gettempdir()} ({e.strerror}); set "
                              "TMPDIR to a disk with room") from e
         finally:
             f.close()                                  # the mapping keeps the data
-        self.h = torch.from_numpy(self.mm)
+        self.h = torch.frombuffer(self.mm, dtype=torch.float32).view(shape)
 
     def release(self) -> None:
         if self.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self.mm._mmap.madvise(mmap.MADV_DONTNEED)  # shared file mapping: data stays
+            self.mm.madvise(mmap.MADV_DONTNEED)  # shared file mapping: the data stays in the file
 
 
 def _gib(shape: tuple[int, ...]) -> float:

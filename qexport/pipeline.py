@@ -67,8 +67,6 @@ class QuantizeOptions:
 
     def _check_imatrix(self) -> None:
         """``imatrix``: None, a path (normalised to str) or "auto"; only with rtn."""
-        if self.imatrix is False:                  # the field's old boolean default
-            self.imatrix = None
         if self.imatrix is None:
             return
         if not isinstance(self.imatrix, (str, os.PathLike)) or not os.fspath(self.imatrix):
