@@ -177,11 +177,12 @@ class Bench:
         return self.lower(qm, key, t)
 
     def qexport_gptq(self, key: str, t: str, method: str = "gptq") -> dict[str, Any]:
-        """qexport ``method`` (gptq; leanquant with act-order, as run for the README)."""
+        """qexport ``method`` (gptq and leanquant with act-order, as run for the README;
+        tesseraq with its defaults: block reconstruction, no Hessian options)."""
         from qexport.pipeline import QuantizeOptions, quantize_model
         opts = QuantizeOptions(method=method, calib=str(CALIB), n_samples=self.s.calib_samples,
                                seq_len=self.s.seq_len, seed=self.s.seed, progress=False,
-                               act_order=True)
+                               act_order=None if method == "tesseraq" else True)
         qm = quantize_model(self.src(), self.plan(t, True), opts)
         return self.lower(qm, key, t)
 
@@ -212,7 +213,7 @@ class Bench:
             self.step(f"ppl|{key}", lambda: self.perplexity(key))
 
 
-QEXPORT_METHODS = ("gptq", "leanquant")
+QEXPORT_METHODS = ("gptq", "leanquant", "tesseraq")
 
 
 def run_all(b: Bench, types: list[str], methods: tuple[str, ...] = QEXPORT_METHODS,

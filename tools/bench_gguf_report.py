@@ -33,9 +33,10 @@ METHOD_LABELS = {
     "lqq": "llama-quantize + qexport imatrix",
     "gptq": "qexport gptq",
     "leanquant": "qexport leanquant (act-order)",
+    "tesseraq": "qexport tesseraq",
 }
-TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant")
-PLOT_METHODS = ("lq", "lqi", "rtn-imat", "gptq", "leanquant")
+TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "tesseraq")
+PLOT_METHODS = ("lq", "lqi", "rtn-imat", "gptq", "leanquant", "tesseraq")
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
@@ -214,7 +215,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^v"))
+    markers = dict(zip(PLOT_METHODS, "osD^vP"))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))
