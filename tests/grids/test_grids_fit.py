@@ -12,7 +12,7 @@ import pytest
 from qexport.grids import (AffineGrid, GridSpec, dequantize, dequantize_span, fit_minmax,
                            quantize_nearest, round_to_dtype, validate)
 
-from specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec, rtn, span_of
+from qexport.testing.specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec, rtn, span_of
 
 GROUPS = [(32, 128), (128, 256), (-1, 77), (40, 96)]      # (group size, in_features)
 

@@ -10,7 +10,7 @@ import torch
 from qexport.grids import (GridError, GridKind, GridSpec, ZeroDomain, check_representable,
                            pack_bits, round_to_dtype, unpack_bits)
 
-from specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec
+from qexport.testing.specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec
 
 ALL_SPECS = ([affine_spec(b, z, g) for b in (2, 3, 8) for z in ("sym", "asym", "fmin")
               for g in (32, -1)] + list(SUPER_SPECS.values()) + list(CODEBOOK_SPECS.values())

@@ -10,7 +10,7 @@ from qexport.grids import (AffineGrid, CodebookGrid, GridError, SuperBlockGrid,
                            grid_from_arrays, validate)
 from qexport.grids.spec import GridKind
 
-from specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec, rtn
+from qexport.testing.specs import CODEBOOK_SPECS, SUPER_SPECS, affine_spec, rtn
 
 
 def _fitted(rng, spec, shape=(4, 256)):

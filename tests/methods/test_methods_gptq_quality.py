@@ -6,25 +6,14 @@ import pytest
 import torch
 
 from qexport.errors import InputError, LoweringError
-from qexport.grids import GridKind, GridSpec, ZeroDomain, dequantize, validate
+from qexport.grids import GridKind, GridSpec, dequantize, validate
 from qexport.ir import QTensor
 from qexport.methods import gptq_quantize, hessian_objective, rtn_quantize
+from qexport.testing.specs import METHOD_SPECS
 
-IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-SPECS = {
-    "w4g128s": GridSpec.affine(4, 128, True),
-    "w3g128a": GridSpec.affine(3, 128, False),
-    "q4_k": GridSpec(name="q4_k-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
-                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 63),
-                     sub_min_range=(0, 63), row_multiple=256),
-    "q6_k": GridSpec(name="q6_k-like", kind=GridKind.SUPERBLOCK, bits=6, group_size=16,
-                     super_size=256, code_offset=32, sub_scale_range=(-128, 127),
-                     row_multiple=256),
-    "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=32,
-                       table=IQ4_TABLE),
-    "free3": GridSpec(name="free-codebook", kind=GridKind.CODEBOOK, bits=3, group_size=-1,
-                      free_codebook=True),
-}
+SPECS = {**METHOD_SPECS,
+         "free3": GridSpec(name="free-codebook", kind=GridKind.CODEBOOK, bits=3,
+                           group_size=-1, free_codebook=True)}
 
 
 def correlated_layer(rng: np.random.Generator, out_f: int = 64, in_f: int = 256,

@@ -9,17 +9,9 @@ from qexport.errors import InputError, UnsupportedError
 from qexport.grids import CodebookGrid, GridKind, GridSpec, ZeroDomain, round_to_dtype, validate
 from qexport.methods import gptq_quantize, hessian_objective, rtn_quantize
 from qexport.methods.leanquant import leanquant_aff_quantize, leanquant_nu_quantize
+from qexport.testing.specs import METHOD_SPECS
 
-IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-AFF_SPECS = {
-    "w4g128s": GridSpec.affine(4, 128, True),
-    "w3g128a": GridSpec.affine(3, 128, False),
-    "q4_k": GridSpec(name="q4_k-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
-                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 63),
-                     sub_min_range=(0, 63), row_multiple=256),
-    "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=32,
-                       table=IQ4_TABLE),
-}
+AFF_SPECS = {k: METHOD_SPECS[k] for k in ("w4g128s", "w3g128a", "q4_k", "iq4_nl")}
 
 
 def free(bits: int, group: int = -1) -> GridSpec:

@@ -11,8 +11,8 @@ from qexport.grids import quantize_nearest
 from qexport.methods.grid_search import search_span, span_error
 from qexport.methods.leanquant import leanquant_aff_quantize
 from qexport.methods.superblock_search import search_superblock
+from qexport.testing.specs import IQ4_TABLE, SUPER_SPECS
 
-IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SPAN_SPECS = {
     "sym4": GridSpec.affine(4, 64, True),
     "sym2": GridSpec.affine(2, 64, True),
@@ -21,23 +21,7 @@ SPAN_SPECS = {
     "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=64,
                        table=IQ4_TABLE),
 }
-SUPER_SPECS = {
-    "q2_k": GridSpec(name="q2_k-like", kind=GridKind.SUPERBLOCK, bits=2, group_size=16,
-                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 15),
-                     sub_min_range=(0, 15), row_multiple=256),
-    "q3_k": GridSpec(name="q3_k-like", kind=GridKind.SUPERBLOCK, bits=3, group_size=16,
-                     super_size=256, code_offset=4, sub_scale_range=(-32, 31),
-                     row_multiple=256),
-    "q4_k": GridSpec(name="q4_k-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
-                     super_size=256, zero=ZeroDomain.FLOAT, sub_scale_range=(0, 63),
-                     sub_min_range=(0, 63), row_multiple=256),
-    "q6_k": GridSpec(name="q6_k-like", kind=GridKind.SUPERBLOCK, bits=6, group_size=16,
-                     super_size=256, code_offset=32, sub_scale_range=(-128, 127),
-                     row_multiple=256),
-    "iq4_xs": GridSpec(name="iq4_xs-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
-                       super_size=256, table=IQ4_TABLE, sub_scale_range=(-32, 31),
-                       row_multiple=256),
-}
+
 
 
 def _rows(rng: np.random.Generator, n: int) -> np.ndarray:

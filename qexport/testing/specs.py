@@ -1,5 +1,6 @@
-"""Specs shared by the grids tests: every affine family plus k-quant- and IQ-like specs,
-built directly with GridSpec (no backend tables), and a helper that runs RTN per span."""
+"""GridSpecs shared by the grids and methods tests: every affine family plus k-quant- and
+IQ-like specs built directly with GridSpec (no backend tables, so the tests of the IR and the
+methods do not depend on a backend), and a helper that runs RTN per span."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,16 @@ SUPER_SPECS = {
     "iq4_xs": GridSpec(name="iq4_xs-like", kind=GridKind.SUPERBLOCK, bits=4, group_size=32,
                        super_size=256, table=IQ4_TABLE, sub_scale_range=(-32, 31),
                        row_multiple=256),
+}
+#: one spec per kind for the method tests (GPTQ, LeanQuant): affine sym / asym, two k-quants
+#: (with mins, signed scales), a fixed table
+METHOD_SPECS = {
+    "w4g128s": GridSpec.affine(4, 128, True),
+    "w3g128a": GridSpec.affine(3, 128, False),
+    "q4_k": SUPER_SPECS["q4_k"],
+    "q6_k": SUPER_SPECS["q6_k"],
+    "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=32,
+                       table=IQ4_TABLE),
 }
 CODEBOOK_SPECS = {
     "iq4_nl": GridSpec(name="iq4_nl-like", kind=GridKind.CODEBOOK, bits=4, group_size=32,
