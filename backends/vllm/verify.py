@@ -9,11 +9,17 @@ What is compared, per packed linear:
    only, when the library is importable and reads the folder's packing layout): the weight it
    decompresses in the model dtype equals the IR's float32 value rounded once to that dtype,
    and with scales widened to float32 it equals the IR's float32 value exactly.
+   GPTQ: with ``gptqmodel=True`` (``qexport verify`` sets it) and a GPTQModel venv present
+   (gptqmodel_decoder.py), transformers + GPTQModel load the folder on CPU with GPTQModel's
+   ``TorchLinear`` kernel, and each module's ``dequantize_weight()`` equals the IR's float32 value
+   rounded once to the dtype it returns (``gptqmodel.<dtype>``: float16, also in bfloat16 models,
+   where GPTQModel holds the scales as float16).
 3. **dense tensors** (embeddings, norms, lm_head, biases) equal the IR's float32 values cast to
    the model dtype; **adapter** ``lora_A``/``lora_B`` equal the IR's ``B``/``A`` exactly.
 
-GPTQ folders have no independent decoder installed here (GPTQModel pulls a CUDA torch): step 2 is
-skipped for them and the report says so; their layout is pinned by golden words in the tests.
+GPTQ folders without the GPTQModel venv (or with ``gptqmodel=False``, the Python API's default:
+it costs a subprocess of ~10-50 s) skip step 2 and the report says so; their layout is also
+pinned by golden words in the tests.
 """
 from __future__ import annotations
 
@@ -171,6 +177,40 @@ def _preferred_layout(qc: dict[str, Any]) -> str:
         return "dense"
 
 
+def _gptqmodel_decode(rep: VerifyReport, folder: Path) -> dict[str, np.ndarray] | None:
+    """GPTQModel's dequantized weights of ``folder`` (keys ``f::<module>``); None, with a note,
+    when no GPTQModel venv exists; a failed ``gptqmodel`` check when it could not load it."""
+    from .gptqmodel_decoder import gptqmodel_python, run_gptqmodel
+    if gptqmodel_python() is None:
+        rep.notes.append("GPTQModel venv absent (tools/setup_gptqmodel.sh): GPTQModel check "
+                         "skipped")
+        return None
+    try:
+        res = run_gptqmodel([{"key": "f", "path": str(folder), "backend": "torch"}])
+    except VerifyError as e:
+        rep.add(str(folder), "gptqmodel", False, str(e))
+        return {}
+    if "f__error" in res:
+        rep.add(str(folder), "gptqmodel", False, f"GPTQModel could not load it: {res['f__error']}")
+        return {}
+    rep.notes.append(f"GPTQModel kernels: {', '.join(map(str, res['f__kernels']))}; "
+                     f"dequantize_weight dtype {', '.join(map(str, res['f__deq_dtype']))}")
+    return res
+
+
+def _check_gptqmodel(rep: VerifyReport, qt: QTensor, res: dict[str, np.ndarray], prefix: str,
+                     dtype: torch.dtype) -> None:
+    if not res:
+        return                                  # the load failure is already reported
+    got = res.get(f"f::{prefix}")
+    deq = [str(d) for d in res["f__deq_dtype"]]
+    gdt = getattr(torch, deq[0]) if len(deq) == 1 else dtype
+    ir = torch.from_numpy(qt.dequantize(with_residual=False)).to(gdt).float().numpy()
+    ok, detail = _eq(got, ir)
+    rep.add(qt.name, f"gptqmodel.{str(gdt).replace('torch.', '')}", ok,
+            detail if got is not None else "not a GPTQModel quantized module")
+
+
 def _check_adapter(rep: VerifyReport, folder: Path, model: QModel) -> None:
     res = {n: qt.residual for n, qt in model.tensors.items()
            if qt.residual is not None and not is_dense_only(n)}
@@ -195,8 +235,11 @@ def _check_adapter(rep: VerifyReport, folder: Path, model: QModel) -> None:
                 f"r {rank}, alpha {alpha}, IR rank {r.rank}")
 
 
-def verify_vllm(folder: str | Path, model: QModel, *, library: bool = True) -> VerifyReport:
-    """Compare the folder written by :func:`lower_vllm` with ``model`` (see module doc)."""
+def verify_vllm(folder: str | Path, model: QModel, *, library: bool = True,
+                gptqmodel: bool = False) -> VerifyReport:
+    """Compare the folder written by :func:`lower_vllm` with ``model`` (see module doc).
+
+    ``gptqmodel``: GPTQ folders are also decoded by GPTQModel in its venv when there is one."""
     from safetensors.torch import load_file
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -214,9 +257,11 @@ def verify_vllm(folder: str | Path, model: QModel, *, library: bool = True) -> V
     lib = ct_library() if (library and fmt == "ct") else None
     if fmt == "ct" and lib is None:
         rep.notes.append("compressed-tensors not importable: library check skipped")
-    if fmt == "gptq":
-        rep.notes.append("GPTQ: no independent decoder installed; fields checked with qexport's "
-                         "decoder (layout pinned by golden words in the tests)")
+    gq = _gptqmodel_decode(rep, folder) if (library and gptqmodel and fmt == "gptq") else None
+    if fmt == "gptq" and gq is None:
+        rep.notes.append("GPTQ: no independent decoder run" + (
+            "" if gptqmodel else " (gptqmodel=False)") + "; fields checked with qexport's "
+            "decoder (layout pinned by golden words in the tests)")
     skipped: set[str] = set()
     for name, qt in sorted(model.tensors.items()):
         if is_dense_only(name):
@@ -238,6 +283,8 @@ def verify_vllm(folder: str | Path, model: QModel, *, library: bool = True) -> V
             continue
         used.update(k for k in t if k.rsplit(".", 1)[0] == prefix)
         _check_fields(rep, qt, d)
+        if gq is not None:
+            _check_gptqmodel(rep, qt, gq, prefix, dtype)
         if lib is not None:
             why = _library_usable(lib, bits, layout)
             if why is None:

@@ -20,6 +20,16 @@ def vllm_python() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gptqmodel_python() -> Path:
+    from qexport.backends.vllm.gptqmodel_decoder import gptqmodel_python as find
+    py = find()
+    if py is None:
+        pytest.skip(f"{REPO / '.venv-gptqmodel'} absent (or $QEXPORT_GPTQMODEL_PYTHON empty): "
+                    "run tools/setup_gptqmodel.sh")
+    return py
+
+
+@pytest.fixture(scope="session")
 def exports(tmp_path_factory, tiny_llama):
     """Factory (cached): key -> (folder, QModel) for the tiny_llama exports used by several
     tests. Keys: ct_sym, ct_asym, gptq_sym (4-bit, group 32, float16), ct_sym_lorc (rank 4)."""

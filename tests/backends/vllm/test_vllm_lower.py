@@ -95,9 +95,15 @@ def test_transformers_loads_ct_folder(exports):
         assert torch.equal(sd[name], torch.from_numpy(qt.dequantize()).to(torch.float16)), name
 
 
-def test_gptq_folder_in_transformers_needs_gptqmodel(exports):
-    pytest.importorskip("gptqmodel", reason="GPTQModel not installed: it requires torch 2.14 "
-                        "with CUDA wheels, which conflicts with the project's torch 2.13 CPU")
+def test_verify_notes_gptqmodel_absent(exports, monkeypatch):
+    """Without the GPTQModel venv verify still passes on qexport's decoder and says what it
+    skipped (the GPTQModel decode itself: test_vllm_gptqmodel.py)."""
+    folder, model = exports("gptq_sym")
+    monkeypatch.setenv("QEXPORT_GPTQMODEL_PYTHON", "")
+    rep = verify_vllm(folder, model, gptqmodel=True)
+    assert rep.ok and not any(c["check"].startswith("gptqmodel") for c in rep.checks)
+    assert any("GPTQModel venv absent" in n for n in rep.notes), rep.notes
+    assert any("gptqmodel=False" in n for n in verify_vllm(folder, model).notes)
 
 
 # ---- refusals ---------------------------------------------------------------------------
