@@ -19,30 +19,17 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/tools/venv_lib.sh"
 VENV="$ROOT/.venv-gptqmodel"
 VERSION="7.6.0"
 OPTIMUM="2.3.0"
 TRANSFORMERS="5.23.0"
 TORCH="2.13.0"
 
-have_pkg() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<PY 2>/dev/null
-import importlib.metadata as m, sys
-want = {"gptqmodel": "$VERSION", "optimum": "$OPTIMUM", "transformers": "$TRANSFORMERS"}
-if any(m.version(p) != v for p, v in want.items()):
-    sys.exit(1)
-sys.exit(0 if m.version("torch").split("+")[0] == "$TORCH" else 1)
-PY
-}
-
-if have_pkg; then
-  echo "setup_gptqmodel.sh: gptqmodel $VERSION already in $VENV"
-else
-  # a half-built venv fails have_pkg, so it is rebuilt from scratch (pip's cache keeps reruns short)
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "torch==$TORCH" "gptqmodel==$VERSION" "optimum==$OPTIMUM" \
+install() {
+  "$1/bin/pip" install --quiet "torch==$TORCH" "gptqmodel==$VERSION" "optimum==$OPTIMUM" \
     "transformers==$TRANSFORMERS"
-  "$VENV/bin/python" -c "import importlib.metadata as m; print('setup_gptqmodel.sh:', *(f'{p} {m.version(p)}' for p in ('gptqmodel', 'optimum', 'transformers', 'torch')))"
-fi
+  print_versions setup_gptqmodel.sh "$1" gptqmodel optimum transformers torch
+}
+venv_setup setup_gptqmodel.sh "$VENV" "$(pins_check "gptqmodel==$VERSION optimum==$OPTIMUM \
+transformers==$TRANSFORMERS torch==$TORCH")" install

@@ -10,6 +10,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/tools/venv_lib.sh"
 VENV="$ROOT/.venv-llama"
 VERSION="0.3.36"
 TOOLS_DIR="$ROOT/.cache/llama-tools"
@@ -21,25 +22,13 @@ for arg in "$@"; do
   esac
 done
 
-have_pkg() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<PY 2>/dev/null
-import importlib.metadata as m, sys
-import llama_cpp  # the shared libraries load
-sys.exit(0 if m.version("llama_cpp_python") == "$VERSION" else 1)
-PY
-}
-
-if have_pkg; then
-  echo "setup_llama.sh: llama-cpp-python $VERSION already in $VENV"
-else
-  # a half-built venv fails have_pkg, so it is rebuilt from scratch (pip's wheel cache keeps reruns short)
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
+# the shared libraries must load, not only the metadata
+install() {
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-    "$VENV/bin/pip" install "llama-cpp-python==$VERSION" numpy
-  "$VENV/bin/python" -c "import llama_cpp; print('setup_llama.sh: llama_cpp', llama_cpp.__version__)"
-fi
+    "$1/bin/pip" install "llama-cpp-python==$VERSION" numpy
+  print_versions setup_llama.sh "$1" llama_cpp_python
+}
+venv_setup setup_llama.sh "$VENV" "$(pins_check "llama_cpp_python==$VERSION" llama_cpp)" install
 
 if [ "$WANT_TOOLS" = 1 ]; then
   if [ -x "$TOOLS_DIR/llama-quantize" ] && [ -x "$TOOLS_DIR/llama-perplexity" ] && [ -x "$TOOLS_DIR/llama-imatrix" ]; then

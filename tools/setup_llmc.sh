@@ -12,34 +12,20 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/tools/venv_lib.sh"
 VENV="$ROOT/.venv-llmc"
 VERSION="0.14.0.1"
 TORCH="2.13.0"
 
-have_pkg() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<PY 2>/dev/null
-import importlib.metadata as m, importlib.util as u, sys
-if m.version("llmcompressor") != "$VERSION" or not m.version("torch").startswith("$TORCH"):
-    sys.exit(1)
-sys.exit(1 if any(u.find_spec(p) for p in ("torchvision", "torchaudio", "torchcodec")) else 0)
-PY
-}
-
-if have_pkg; then
-  echo "setup_llmc.sh: llmcompressor $VERSION already in $VENV"
-else
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
+install() {
+  local cons
   cons="$(mktemp)"
-  trap 'rm -f "$cons"' EXIT
   echo "torch==$TORCH" > "$cons"
-  "$VENV/bin/pip" install --quiet -c "$cons" "torch==$TORCH" "llmcompressor==$VERSION"
-  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
-  "$VENV/bin/pip" uninstall -y triton 2>/dev/null || true
-  "$VENV/bin/python" - <<'PY'
-import importlib.metadata as m
-print("setup_llmc.sh:", *(f"{p} {m.version(p)}" for p in
-      ("llmcompressor", "torch", "transformers", "compressed-tensors")))
-PY
-fi
+  "$1/bin/pip" install --quiet -c "$cons" "torch==$TORCH" "llmcompressor==$VERSION"
+  rm -f "$cons"
+  "$1/bin/pip" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$1/bin/pip" uninstall -y triton 2>/dev/null || true
+  print_versions setup_llmc.sh "$1" llmcompressor torch transformers compressed-tensors
+}
+venv_setup setup_llmc.sh "$VENV" "$(pins_check "llmcompressor==$VERSION torch==$TORCH" "" \
+  "torchvision torchaudio torchcodec")" install

