@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qexport.atomic import atomic_output
@@ -79,18 +80,34 @@ def plan_packed(model: QModel, fmt: str, dtype: str, ct_layout: str = "dense"
         raise UnsupportedError(f"unknown vLLM checkpoint format {fmt!r}; expected one of "
                                f"{sorted(FORMATS)}")
     scale_dtype, tdt = dtype_scale(dtype), TORCH_DTYPES[dtype]
-    packed, entries = {}, {}
+    packed, entries, not_fp16 = {}, {}, []
     for n in sorted(model.tensors):
         if is_dense_only(n):
             continue
         qt = _retarget(model.tensors[n], fmt, scale_dtype)
         packed[n] = Packed(n, qt.spec, tuple(qt.shape))
+        if fmt == "gptq" and dtype == "bfloat16" and _off_fp16(qt):
+            not_fp16.append(f"{n} ({_off_fp16(qt)} scales)")
         for k, t in _layer_tensors(qt, fmt, tdt, ct_layout).items():
             entries[k] = st_entry(t)
         del qt                                  # before the next one is read
     for n, t in dense_tensors(model, tdt):
         entries[n] = st_entry(t)
+    if not_fp16:
+        more = f" (+{len(not_fp16) - 3} more tensors)" if len(not_fp16) > 3 else ""
+        warnings.warn("GPTQModel (transformers' GPTQ loader) keeps GPTQ scales in float16 even in "
+                      "a bfloat16 model, and these bfloat16 scales are not float16 values, so it "
+                      "will run rounded weights (vLLM runs them exactly): "
+                      + "; ".join(not_fp16[:3]) + more + "; --dtype float16 avoids it",
+                      stacklevel=3)
     return packed, entries
+
+
+def _off_fp16(qt: QTensor) -> int:
+    """How many of ``qt``'s scales change when rounded to float16 (0 when all are fp16 values)."""
+    s = qt.grid.scales
+    with np.errstate(over="ignore"):
+        return int((s.astype(np.float16).astype(s.dtype) != s).sum())
 
 
 def _grid_key(qt: Packed | None) -> tuple[int, int, bool] | None:

@@ -181,6 +181,20 @@ def test_bf16_needs_bf16_representable_scales(tiny_llama, tmp_path):
     assert verify_vllm(out, m16).ok
 
 
+def test_bf16_gptq_warns_when_gptqmodel_would_round_scales(tiny_llama, tmp_path):
+    """GPTQModel keeps GPTQ scales in fp16: a bf16 scale that is no fp16 value is named."""
+    import warnings
+    m16 = rtn_qmodel(tiny_llama, projections(vllm_spec(4, 32, True, scale_dtype="bf16")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # typical scales: fp16 values, no warning
+        lower_vllm(m16, tmp_path / "ok", fmt="gptq", dtype="bfloat16")
+    name = "model.layers.1.mlp.up_proj.weight"
+    m16.tensors[name].grid.scales[0, 0] = (1 + 2.0 ** -7) * 2.0 ** -20  # bf16; fp16: subnormal
+    with pytest.warns(UserWarning, match=rf"{name} \(1 scales\).*--dtype float16"):
+        out = lower_vllm(m16, tmp_path / "g", fmt="gptq", dtype="bfloat16")
+    assert verify_vllm(out, m16).ok                     # the folder itself is exact
+
+
 def test_existing_output_needs_force(exports, tmp_path):
     folder, model = exports("ct_sym")
     with pytest.raises(InputError, match="--force"):
