@@ -86,8 +86,9 @@ def plan_packed(model: QModel, fmt: str, dtype: str, ct_layout: str = "dense"
             continue
         qt = _retarget(model.tensors[n], fmt, scale_dtype)
         packed[n] = Packed(n, qt.spec, tuple(qt.shape))
-        if fmt == "gptq" and dtype == "bfloat16" and _off_fp16(qt):
-            not_fp16.append(f"{n} ({_off_fp16(qt)} scales)")
+        off = _off_fp16(qt) if fmt == "gptq" and dtype == "bfloat16" else 0
+        if off:
+            not_fp16.append(f"{n} ({off} scales)")
         for k, t in _layer_tensors(qt, fmt, tdt, ct_layout).items():
             entries[k] = st_entry(t)
         del qt                                  # before the next one is read
