@@ -177,12 +177,14 @@ class Bench:
         return self.lower(qm, key, t)
 
     def qexport_gptq(self, key: str, t: str, method: str = "gptq") -> dict[str, Any]:
-        """qexport ``method`` (gptq and leanquant with act-order, as run for the README;
-        tesseraq with its defaults: block reconstruction, no Hessian options)."""
+        """qexport ``method``, a name of :data:`QEXPORT_METHODS` (gptq and leanquant with
+        act-order, as run for the README; tesseraq with its defaults: block reconstruction, no
+        Hessian options)."""
         from qexport.pipeline import QuantizeOptions, quantize_model
-        opts = QuantizeOptions(method=method, calib=str(CALIB), n_samples=self.s.calib_samples,
+        name, extra = QEXPORT_METHODS[method]
+        opts = QuantizeOptions(method=name, calib=str(CALIB), n_samples=self.s.calib_samples,
                                seq_len=self.s.seq_len, seed=self.s.seed, progress=False,
-                               act_order=None if method == "tesseraq" else True)
+                               act_order=None if name == "tesseraq" else True, **extra)
         qm = quantize_model(self.src(), self.plan(t, True), opts)
         return self.lower(qm, key, t)
 
@@ -213,10 +215,15 @@ class Bench:
             self.step(f"ppl|{key}", lambda: self.perplexity(key))
 
 
-QEXPORT_METHODS = ("gptq", "leanquant", "tesseraq")
+#: bench name -> (qexport --method, QuantizeOptions overrides). leanquant-p1 is a variant of
+#: leanquant's loss-weight exponent (default p = 2), run only when named in --methods.
+QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gptq": ("gptq", {}), "leanquant": ("leanquant", {}), "tesseraq": ("tesseraq", {}),
+    "leanquant-p1": ("leanquant", {"p": 1.0})}
+DEFAULT_METHODS = ("gptq", "leanquant", "tesseraq")
 
 
-def run_all(b: Bench, types: list[str], methods: tuple[str, ...] = QEXPORT_METHODS,
+def run_all(b: Bench, types: list[str], methods: tuple[str, ...] = DEFAULT_METHODS,
             headline_only: bool = False) -> None:
     """Every step, the headline comparison first (so partial runs are useful): llama.cpp files,
     qexport ``methods`` vs llama-quantize + imatrix, llama-quantize alone, qexport's imatrix,
@@ -368,8 +375,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="cache folder (default .cache/bench_gguf[/quick])")
     ap.add_argument("--redo", action="append", default=[],
                     help="forget cached keys containing this (repeatable)")
-    ap.add_argument("--methods", default=",".join(QEXPORT_METHODS),
-                    help=f"qexport methods to run, in order (default {','.join(QEXPORT_METHODS)})")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"qexport methods to run, in order (default {','.join(DEFAULT_METHODS)}; "
+                         f"all: {','.join(QEXPORT_METHODS)})")
     ap.add_argument("--headline-only", action="store_true",
                     help="only llama-quantize+imatrix and the qexport methods (no reproductions)")
     ap.add_argument("--report-only", action="store_true")
@@ -391,7 +399,7 @@ def main() -> None:
         methods = tuple(a.methods.split(","))
         bad = [m for m in methods if m not in QEXPORT_METHODS]
         if bad:
-            raise SystemExit(f"--methods: expected names from {QEXPORT_METHODS} (not {bad})")
+            raise SystemExit(f"--methods: expected names from {list(QEXPORT_METHODS)} (not {bad})")
         run_all(b, types, methods, a.headline_only)
     md = out / "gguf.md" if a.quick else REPO / "docs" / "bench" / "gguf.md"
     write_report(b, types, md, md.with_suffix(".png"))

@@ -34,9 +34,12 @@ METHOD_LABELS = {
     "gptq": "qexport gptq",
     "leanquant": "qexport leanquant (act-order)",
     "tesseraq": "qexport tesseraq",
+    "leanquant-p1": "qexport leanquant --p 1 (act-order)",
 }
-TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "tesseraq")
-PLOT_METHODS = ("lq", "lqi", "rtn-imat", "gptq", "leanquant", "tesseraq")
+TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq")
+PLOT_METHODS = ("lq", "lqi", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq")
+#: variants listed only for the types where they were built (run when named in --methods)
+OPTIONAL_METHODS = ("leanquant-p1",)
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
@@ -146,6 +149,8 @@ def results_table(results: dict[str, Any], types: list[str]) -> list[dict[str, A
         for m in TABLE_METHODS:
             key = f"{m}|{t}"
             b = results.get(f"build|{key}")
+            if b is None and m in OPTIONAL_METHODS:
+                continue
             p = _ppl_of(results, key)
             d = p[0] - f32[0] if p and f32 else None
             dref = ref[0] - f32[0] if ref and f32 else None

@@ -8,6 +8,7 @@ configuration already measured is skipped unless ``--redo``) and written as a ma
     .venv/bin/python tools/bench_quality.py --suite foundation      # FP, RTN/GPTQ W4g128s, W3g128a
     .venv/bin/python tools/bench_quality.py --suite methods         # + LeanQuant, TesseraQ, LoRC
     .venv/bin/python tools/bench_quality.py --suite table --only "W2"  # cells of issue 4's table
+    .venv/bin/python tools/bench_quality.py --suite table --only GGUF --skip tesseraq  # fast cells
     .venv/bin/python tools/bench_quality.py --report                  # docs/bench/methods.md only
 
 ``--suite table`` is issue 4's method table: rows RTN, GPTQ, LeanQuant (affine), LeanQuant-nu,
@@ -156,6 +157,8 @@ def main() -> None:
                     help="cache folder; docs/bench/methods.md is written from the default one")
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--only", default=None, help="substring filter on method__column")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="leave out cells whose method|column contains this (repeatable)")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite docs/bench/methods.md from the cache")
     a = ap.parse_args()
@@ -171,7 +174,7 @@ def main() -> None:
         rf.write_text(json.dumps(results, indent=1))
     for method, column in SUITES[a.suite]:
         key = f"{method}|{column}"
-        if a.only and a.only not in key:
+        if (a.only and a.only not in key) or any(x in key for x in a.skip):
             continue
         if key in results and not a.redo and "error" not in results[key]:
             continue

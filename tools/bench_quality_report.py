@@ -86,6 +86,12 @@ def methods_markdown(results: dict[str, Any], rows: list[str], columns: list[str
              "`c4.utf8` (seed 0); perplexity (all targets) over the first 80 windows of 512 of "
              "wikitext-2 `wiki.test.raw` with qexport's torch forward (exports decode to the "
              f"same values). FP: {fp:.3f}." if fp else "FP: not measured.", "",
+             "The GGUF columns are `--pure` files, as `llama-quantize --pure` makes them: the "
+             "tied token_embd / output matrix (49152 × 576, 28.3 M weights, no Hessian) is "
+             "stored in the column's type too, by llama.cpp's round-to-nearest for every "
+             "method. The W columns leave it unquantized (F32). Compare GGUF cells within their "
+             "column.",
+             "",
              "Cell: PPL (bits/weight including scales, zeros and LoRC factors; quantize wall "
              "seconds on the 2-core machine, other jobs sometimes sharing it). "
              "–: not measured yet; n/a: free codebooks cannot be stored in a GGUF type.", "",
