@@ -220,7 +220,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vP"))
+    markers = dict(zip(PLOT_METHODS, "osD^vPX", strict=True))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))
