@@ -37,7 +37,8 @@ METHOD_LABELS = {
     "leanquant-p1": "qexport leanquant --p 1 (act-order)",
 }
 TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq")
-PLOT_METHODS = ("lq", "lqi", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq")
+#: the plot leaves out qexport rtn (its files are llama-quantize's, byte for byte)
+PLOT_METHODS = tuple(m for m in TABLE_METHODS if m != "rtn")
 #: variants listed only for the types where they were built (run when named in --methods)
 OPTIONAL_METHODS = ("leanquant-p1",)
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
