@@ -184,6 +184,9 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "super-blocks, on elsewhere)."),
         click.option("--tq-awq-grid", default=None, type=click.IntRange(1),
                      help="tesseraq: points of the AWQ scale-exponent search [default: 20]."),
+        click.option("--tq-grid-init", default=None, type=click.Choice(["minmax", "search"]),
+                     help="tesseraq: the grid PAR rounds on: min-max (the paper's) or "
+                          "LeanQuant's activation-weighted grid search [default: search]."),
         click.option("--no-awq", is_flag=True, help="tesseraq: skip the AWQ scale search."),
         click.option("--no-clip", is_flag=True, help="tesseraq: skip the AWQ weight clipping."),
         click.option("--force", is_flag=True, help="Replace an existing output."),

@@ -24,7 +24,7 @@ from qexport.model import load_model
 pytestmark = pytest.mark.slow
 
 TQ_FAST = ["--method", "tesseraq", "--n-samples", "8", "--seq-len", "32", "--tq-schedule", "10",
-           "--tq-steps", "8", "--tq-awq-grid", "4", "--quiet"]
+           "--tq-steps", "8", "--tq-awq-grid", "5", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,10 @@ def test_awq_scales_are_folded_into_exported_norms(q4_0, tiny_llama):
 def test_provenance_records_schedule_and_calibration(q4_0, calib_file):
     prov = load_ir(q4_0["ir"]).provenance
     assert prov["method"] == "tesseraq"
-    assert prov["options"]["tesseraq"] == {"thresholds": "10", "iterations": 8, "awq_grid": 4}
+    assert prov["options"]["tesseraq"] == {"thresholds": "10", "iterations": 8, "awq_grid": 5}
     resolved = prov["tesseraq"]["options"]
-    assert resolved["iterations"] == 8 and resolved["awq_grid"] == 4 and resolved["awq"]
+    assert resolved["iterations"] == 8 and resolved["awq_grid"] == 5 and resolved["awq"]
+    assert resolved["grid_init"] == "search"                # the default
     assert len(resolved["thresholds"]) == 10
     assert prov["calibration"]["text_sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
     json.dumps(prov)                                      # JSON-able as written

@@ -15,6 +15,7 @@ from qexport.methods.tesseraq import (RoundingVars, TesseraQOptions, awq_block, 
                                       tesseraq_quantize_model)
 from qexport.methods.tesseraq.awq import AwqConfig
 from qexport.methods.tesseraq.block import block_loss, relative_weights
+from qexport.methods.tesseraq.levels import fit_grid
 from qexport.model import load_model
 from qexport.model.forward import DecoderLayer, Rotary, build_causal_lm
 from qexport.specs import TensorPlan
@@ -156,12 +157,30 @@ def test_export_reproduces_fake_quant(rng, spec):
 
 def test_dst_grid_identity_at_one(rng):
     for spec in (GridSpec.affine(3, 32, False), spec_for("Q4_1"), spec_for("Q4_K"),
-                 spec_for("IQ4_NL")):
+                 spec_for("IQ4_NL"), spec_for("Q4_0"), spec_for("Q8_0")):   # signed d: Q4_0/Q8_0
         g = rtn_quantize(_w(rng, 8, 256), spec).grid
         ng = spec.n_groups(256)
         g2 = dst_grid(spec, g, np.ones((8, ng), np.float32))
         for k, a in g.arrays().items():
             assert np.array_equal(g2.arrays()[k], a), (spec.name, k)
+
+
+@pytest.mark.parametrize("spec", [GridSpec.affine(3, 32, False), spec_for("Q4_0"),
+                                  spec_for("IQ4_NL"), spec_for("Q4_K")], ids=lambda s: s.name)
+def test_search_init_grid_beats_minmax_and_exports_exactly(rng, spec):
+    """grid_init="search": LeanQuant's weighted search (signed scales on Q4_0 / IQ4_NL) gives a
+    lower weighted error than min-max, and the export still reproduces the hard forward."""
+    W = _w(rng, 16, 256)
+    imp = rng.random(256).astype(np.float32) ** 4
+    tv_mm = RoundingVars("t", W, spec)
+    tv = RoundingVars("t", W, spec, grid=fit_grid(spec, W, "t", imp))
+    err = lambda w: float((((w.numpy() - W) ** 2) * imp).sum())     # noqa: E731
+    assert err(tv.hard_weight()) < err(tv_mm.hard_weight())
+    tv.harden_all()
+    res = tv.export()
+    validate(res.codes, res.grid, spec, "t")
+    with torch.no_grad():
+        assert np.array_equal(tv.weight().numpy(), dequantize(res.codes, res.grid, spec))
 
 
 def test_free_codebook_and_bad_shape_refused(rng):
@@ -256,14 +275,18 @@ def _ir_block_losses(src, tensors, updates, samples, n_eval):
     return out
 
 
-@pytest.mark.parametrize("spec", [GridSpec.affine(3, 32, False), spec_for("Q4_K"),
-                                  spec_for("IQ4_NL")], ids=lambda s: s.name)
-def test_model_export_reproduces_calibrated_forward(tiny_qwen2, spec):
+@pytest.mark.parametrize("spec,init", [(GridSpec.affine(3, 32, False), "minmax"),
+                                       (spec_for("Q4_K"), "minmax"),
+                                       (spec_for("IQ4_NL"), "minmax"),
+                                       (spec_for("Q4_0"), "search"),
+                                       (spec_for("Q4_K"), "search")],
+                         ids=lambda x: getattr(x, "name", x))
+def test_model_export_reproduces_calibrated_forward(tiny_qwen2, spec, init):
     src = load_model(tiny_qwen2)
     samples = _samples()
     fp: dict = {}
-    tensors, updates, stats = tesseraq_quantize_model(src, _plan(src, spec), samples, _fast(),
-                                                      fp_weights_out=fp)
+    tensors, updates, stats = tesseraq_quantize_model(src, _plan(src, spec), samples,
+                                                      _fast(grid_init=init), fp_weights_out=fp)
     assert set(tensors) == set(src.linear_names()) == set(fp)
     for qt in tensors.values():
         qt.validate()
@@ -285,7 +308,7 @@ def test_model_export_reproduces_calibrated_forward(tiny_qwen2, spec):
 
 def test_no_awq_all_nearest_is_rtn_loss(tiny_llama):
     src = load_model(tiny_llama)
-    opts = _fast(awq=False, clip=False, iterations=0)
+    opts = _fast(awq=False, clip=False, iterations=0, grid_init="minmax")
     _, updates, stats = tesseraq_quantize_model(src, _plan(src, GridSpec.affine(3, 32, False)),
                                                 _samples(), opts)
     assert updates == {}

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from qexport.grids import GridSpec
@@ -38,7 +39,7 @@ from qexport.methods.rtn import rtn_quantize
 from .block import swapped
 
 __all__ = ["AwqConfig", "SCALE_PAIRS", "CLIP_SKIP", "awq_block", "fold_scales", "fake_quant",
-           "scale_candidates", "clip_weight"]
+           "scale_candidates", "clip_weight", "input_importance"]
 
 SCALE_PAIRS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -180,6 +181,22 @@ def clip_weight(W: torch.Tensor, x: torch.Tensor, spec: GridSpec, cfg: AwqConfig
             best_i = torch.where(better, torch.full_like(best_i, i / cfg.clip_grid), best_i)
     Wc = torch.maximum(torch.minimum(Wp, best_mx[..., None]), -best_mx[..., None])
     return Wc.reshape(out_f, ng * gl)[:, :in_f].contiguous(), float(best_i.mean())
+
+
+def input_importance(layer: Any, h: torch.Tensor, rope: Any) -> dict[str, np.ndarray]:
+    """Mean squared input of every column of each linear (llama.cpp's imatrix statistic).
+
+    Args: layer: a DecoderLayer; h: float32 ``[n, T, hidden]`` block inputs.
+    Returns: ``{relative module name: float32 [in_features]}``.
+    """
+    cap = _Captured(layer, h, rope)
+    xs = {"self_attn.q_proj": cap.x_attn, "self_attn.k_proj": cap.x_attn,
+          "self_attn.v_proj": cap.x_attn, "self_attn.o_proj": cap.x_o,
+          "mlp.gate_proj": cap.x_mlp, "mlp.up_proj": cap.x_mlp, "mlp.down_proj": cap.x_down}
+    out: dict[str, np.ndarray] = {}
+    for k, x in xs.items():
+        out[k] = x.reshape(-1, x.shape[-1]).pow(2).mean(0).numpy().astype(np.float32)
+    return out
 
 
 def _token_subset(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 For decoder block ``i``: the *input* is the output of blocks ``0..i-1`` already quantized (their
 exported weights), the *target* is the FP chain's output of block ``i`` (FP blocks all the way).
 Per block: AWQ scales (folded into the norms / v_proj / up_proj) and auto-clip on the target
-grids (:mod:`.awq`), a min-max grid per tensor, then PAR + DST rounds (:mod:`.par`): harden at
+grids (:mod:`.awq`), a fixed grid per tensor (``grid_init``: LeanQuant's weighted search with
+the inputs' mean squares, or min-max), then PAR + DST rounds (:mod:`.par`): harden at
 each threshold, then ``iterations`` steps of a fresh Adam on the l2 block-output loss over random
 batches of ``batch_size`` sequences cut to their first ``train_len`` tokens (exact under causal
 attention). After the last round every variable is hard; codes ``c0 + up`` and the snapped DST
@@ -25,12 +26,14 @@ from qexport.ir import QTensor
 from qexport.methods.result import check_spec_shape
 from qexport.model.arch import LINEAR_MODULES
 
-from .awq import AwqConfig, awq_block, fake_quant
+from .awq import AwqConfig, awq_block, fake_quant, input_importance
 from .block import batched, block_loss, block_output, full_name, relative_weights, swapped
-from .levels import check_supported
+from .levels import check_supported, fit_grid
 from .par import RoundingVars
 
-__all__ = ["TesseraQOptions", "THRESHOLDS", "tesseraq_quantize_model"]
+__all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "tesseraq_quantize_model"]
+
+GRID_INITS = ("minmax", "search")
 
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "20": (0.8, 0.65, 0.5, 0.43, 0.38, 0.34, 0.3, 0.27, 0.24, 0.21, 0.18, 0.15, 0.12, 0.10,
@@ -78,6 +81,7 @@ class TesseraQOptions:
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512
     eval_samples: int = 4
+    grid_init: str = "search"
     forward_batch: int = 8
     seed: int = 42
     threads: int | None = 2
@@ -102,6 +106,9 @@ class TesseraQOptions:
                 raise InputError(f"tesseraq option {k} expected >= 1 (not {getattr(self, k)})")
         if self.train_len < 0 or self.lr <= 0 or self.scale_lr <= 0:
             raise InputError("tesseraq options train_len >= 0, lr > 0, scale_lr > 0 expected")
+        if self.grid_init not in GRID_INITS:
+            raise InputError(f"tesseraq grid_init expected one of {list(GRID_INITS)} "
+                             f"(not {self.grid_init!r})")
         if not 0 <= self.clip_max_shrink < 1:
             raise InputError(f"tesseraq clip_max_shrink expected in [0, 1) "
                              f"(not {self.clip_max_shrink})")
@@ -230,8 +237,13 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
         fp_out.update({full_name(i, f"{m}.weight"): folded[f"{m}.weight"].numpy() for m in specs})
     t1 = time.perf_counter()
     layer = make(w)
-    tvars = {m: RoundingVars(full_name(i, f"{m}.weight"), w[f"{m}.weight"].numpy(), s,
-                             dst=opts.use_dst(s)) for m, s in specs.items()}
+    imp = (input_importance(layer, h_q[:opts.awq_samples], rope)
+           if opts.grid_init == "search" else {})
+    tvars = {}
+    for m, s in specs.items():
+        name, Wm = full_name(i, f"{m}.weight"), w[f"{m}.weight"].numpy()
+        grid = fit_grid(s, Wm, name, imp[m]) if m in imp else None
+        tvars[m] = RoundingVars(name, Wm, s, dst=opts.use_dst(s), grid=grid)
     nearest = {f"{m}.weight": v.hard_weight() for m, v in tvars.items()}
     loss_init = _eval_loss(layer, nearest, h_q[ev], y_fp[ev], rope, fb)
     gen = torch.Generator().manual_seed(opts.seed + i)

@@ -69,12 +69,23 @@ def check_supported(spec: GridSpec, name: str) -> None:
                                "grid with tesseraq")
 
 
-def fit_grid(spec: GridSpec, W: np.ndarray, name: str = "tensor") -> Grid:
-    """Min-max grid of ``W`` (float32 ``[out, in]``), one :func:`fit_minmax` per span."""
+def fit_grid(spec: GridSpec, W: np.ndarray, name: str = "tensor",
+             weights: np.ndarray | None = None) -> Grid:
+    """Initial grid of ``W`` (float32 ``[out, in]``), one fit per span: :func:`fit_minmax`, or
+    with ``weights`` (float ``[in]``, e.g. the mean squared input of every column) LeanQuant's
+    weighted-error search (:class:`qexport.methods.leanquant.SearchFitter`; min-max is its
+    candidate 0, so the weighted error is never higher)."""
     check_supported(spec, name)
     check_spec_shape(spec, W.shape, name)
     L = span_len(spec, W.shape[1])
-    return concat_grids([fit_minmax(spec, W[:, c0:c0 + L]) for c0 in range(0, W.shape[1], L)])
+    if weights is None:
+        parts = [fit_minmax(spec, W[:, c0:c0 + L]) for c0 in range(0, W.shape[1], L)]
+    else:
+        from qexport.methods.leanquant import SearchFitter
+        fit = SearchFitter()
+        parts = [fit(spec, W[:, c0:c0 + L], c0, weights[c0:c0 + L])
+                 for c0 in range(0, W.shape[1], L)]
+    return concat_grids(parts)
 
 
 def group_index(spec: GridSpec, in_features: int) -> np.ndarray:
@@ -146,11 +157,14 @@ def neighbors(spec: GridSpec, grid: Grid, W: np.ndarray) -> Neighbors:
 
 
 def _snap_scale(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Positive scales rounded to ``dtype`` and kept in ``(0, fp16 max]``."""
+    """Scales rounded to ``dtype`` with their sign kept (GGUF's Q4_0/Q5_0/Q8_0 ``d`` may be
+    negative) and their magnitude in ``[fp16 tiny, fp16 max]``."""
+    sign = np.where(x < 0, np.float32(-1.0), np.float32(1.0))
+    a = np.abs(x)
     if dtype == "fp16":
-        x = np.clip(x, _FP16_TINY, _FP16_MAX)
-        return np.maximum(round_to_dtype(x, dtype), np.float32(_FP16_TINY))
-    return round_to_dtype(np.maximum(x, np.float32(1e-30)), dtype)
+        a = np.clip(a, _FP16_TINY, _FP16_MAX)
+        return sign * np.maximum(round_to_dtype(a, dtype), np.float32(_FP16_TINY))
+    return sign * round_to_dtype(np.maximum(a, np.float32(1e-30)), dtype)
 
 
 def _rint_clip(x: np.ndarray, rng: tuple[int, int]) -> np.ndarray:
