@@ -215,11 +215,13 @@ class Bench:
             self.step(f"ppl|{key}", lambda: self.perplexity(key))
 
 
-#: bench name -> (qexport --method, QuantizeOptions overrides). leanquant-p1 is a variant of
-#: leanquant's loss-weight exponent (default p = 2), run only when named in --methods.
+#: bench name -> (qexport --method, QuantizeOptions overrides). Variants, run only when named
+#: in --methods: leanquant-p1 (leanquant's loss-weight exponent, default p = 2) and
+#: tesseraq-minmax (TesseraQ on the paper's min-max grid, the default before 2026-11-24).
 QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq": ("gptq", {}), "leanquant": ("leanquant", {}), "tesseraq": ("tesseraq", {}),
-    "leanquant-p1": ("leanquant", {"p": 1.0})}
+    "leanquant-p1": ("leanquant", {"p": 1.0}),
+    "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}})}
 DEFAULT_METHODS = ("gptq", "leanquant", "tesseraq")
 
 

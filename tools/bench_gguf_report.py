@@ -35,12 +35,14 @@ METHOD_LABELS = {
     "leanquant": "qexport leanquant (act-order)",
     "tesseraq": "qexport tesseraq",
     "leanquant-p1": "qexport leanquant --p 1 (act-order)",
+    "tesseraq-minmax": "qexport tesseraq --tq-grid-init minmax",
 }
-TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq")
+TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq",
+                 "tesseraq-minmax")
 #: the plot leaves out qexport rtn (its files are llama-quantize's, byte for byte)
 PLOT_METHODS = tuple(m for m in TABLE_METHODS if m != "rtn")
 #: variants listed only for the types where they were built (run when named in --methods)
-OPTIONAL_METHODS = ("leanquant-p1",)
+OPTIONAL_METHODS = ("leanquant-p1", "tesseraq-minmax")
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
@@ -221,7 +223,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vPX", strict=True))
+    markers = dict(zip(PLOT_METHODS, "osD^vPXh", strict=True))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))

@@ -55,6 +55,7 @@ VARIANTS = {
         ("gptq", ["--v-hessian", "plain", "--no-act-order"]),
     "leanquant": ("leanquant", []),
     "tesseraq": ("tesseraq", []),
+    "tesseraq, --tq-grid-init minmax": ("tesseraq", ["--tq-grid-init", "minmax"]),
     "gptq + LoRC r8": ("gptq", ["--lorc-rank", "8"]),
     "leanquant-nu": ("leanquant-nu", []),
     "rtn + LoRC r8": ("rtn", ["--lorc-rank", "8"]),
@@ -65,9 +66,11 @@ VARIANTS = {
     "leanquant, --p 0": ("leanquant", ["--p", "0"]),
 }
 #: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
-TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq", "rtn + LoRC r8",
-              "gptq + LoRC r8", "leanquant + LoRC r8", "leanquant-nu + LoRC r8",
-              "tesseraq + LoRC r8"]
+TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq",
+              "tesseraq, --tq-grid-init minmax", "rtn + LoRC r8", "gptq + LoRC r8",
+              "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8"]
+#: rows shown only in the columns where they were measured (the suite does not run them)
+OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax",)
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 
 
@@ -79,7 +82,11 @@ SUITES = {
     "foundation": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym") for v in _FOUNDATION],
     "methods": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                 for v in ("leanquant", "tesseraq", "gptq + LoRC r8")],
-    "table": [(v, c) for c in COLUMNS for v in TABLE_ROWS if _cell_applies(v, c)],
+    "table": [(v, c) for c in COLUMNS for v in TABLE_ROWS
+              if _cell_applies(v, c) and v not in OPTIONAL_ROWS],
+    # TesseraQ's grid before PAR: search (default) against the paper's min-max grid
+    "tesseraq-init": [(v, c) for c in ("GGUF Q4_0", "W4 g128 sym")
+                      for v in ("tesseraq", "tesseraq, --tq-grid-init minmax")],
     # LeanQuant's loss-weight exponent (default 2) at W4 / W3
     "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
@@ -193,7 +200,8 @@ def write_methods(results: dict) -> None:
     """docs/bench/methods.md (issue 4's table) from whatever cells are measured."""
     from bench_quality_report import methods_markdown
     doc = REPO / "docs" / "bench" / "methods.md"
-    doc.write_text(methods_markdown(results, TABLE_ROWS, list(COLUMNS), _cell_applies))
+    doc.write_text(methods_markdown(results, TABLE_ROWS, list(COLUMNS), _cell_applies,
+                                    OPTIONAL_ROWS))
 
 
 if __name__ == "__main__":
