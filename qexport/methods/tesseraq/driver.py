@@ -52,7 +52,11 @@ class TesseraQOptions:
     scale_wd: DST logits. dst: None = on for affine and fixed-table codebook specs, off for
     superblocks (integer sub-scales), True/False forces it. awq / awq_vo / clip: AWQ scale
     search (+ the GQA-tied v->o pair) and auto-clip; awq_samples: sequences for the AWQ search
-    and clip statistics. eval_samples: sequences for the reported block losses. threads:
+    and clip statistics. grid_init: the fixed grid PAR rounds on: "search" (LeanQuant's
+    weighted-error grid search on the AWQ-folded, clipped weights, weighted by the mean squared
+    input of every column over the first ``awq_samples`` block inputs; lower block losses than
+    min-max on calibration and held-out windows in ``tools/bench_tesseraq.py --holdout``) or
+    "minmax" (the paper's). eval_samples: sequences for the reported block losses. threads:
     torch threads for the run (batched forwards, AWQ); train_threads: for the PAR loop, whose
     steps are small (128 tokens): one thread measured 4x less CPU than two on a busy 2-core
     machine.
