@@ -13,7 +13,6 @@ __all__ = ["methods_markdown"]
 
 _LABEL = {"rtn": "RTN", "gptq": "GPTQ", "leanquant": "LeanQuant-aff", "leanquant-nu": "LeanQuant-nu",
           "tesseraq": "TesseraQ", "tesseraq, --tq-grid-init minmax": "TesseraQ, min-max grid"}
-TESSERAQ_ROWS = ("tesseraq", "tesseraq, --tq-grid-init minmax")
 
 
 def _label(row: str) -> str:
@@ -49,10 +48,10 @@ def _order_checks(results: dict[str, Any], columns: list[str]) -> list[str]:
     return out
 
 
-def _two_bit_check(results: dict[str, Any], fp: float | None) -> list[str]:
+def _two_bit_check(results: dict[str, Any], fp: float | None, rows: list[str]) -> list[str]:
     col = "W2 g64 asym"
     ppl = {m: _ppl(results, m, col) for m in ("rtn", "gptq", "leanquant", "leanquant-nu")}
-    tq = {m: _ppl(results, m, col) for m in TESSERAQ_ROWS}
+    tq = {m: _ppl(results, m, col) for m in rows if m.partition(",")[0] == "tesseraq"}
     tq = {m: v for m, v in tq.items() if v is not None}
     if not tq or fp is None:
         return [f"- {col}: TesseraQ not measured yet"]
@@ -105,12 +104,12 @@ def methods_markdown(results: dict[str, Any], rows: list[str], columns: list[str
              head, "|---|" + "---:|" * len(columns)]
     for row in rows:
         cells = [_cell(results, row, c, applies(row, c)) for c in columns]
-        if optional and row in optional and all(c in ("–", "n/a") for c in cells):
+        if row in optional and all(c in ("–", "n/a") for c in cells):
             continue
         lines.append(f"| {_label(row)} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (measured cells only)", "", "LeanQuant ≤ GPTQ ≤ RTN:",
               *(_order_checks(results, columns) or ["- no column fully measured yet"]), "",
-              "TesseraQ the best at 2 bits, within 2× FP:", *_two_bit_check(results, fp), "",
+              "TesseraQ the best at 2 bits, within 2× FP:", *_two_bit_check(results, fp, rows), "",
               "LoRC r=8 lowers perplexity at 3 and 2 bits:",
               *(_lorc_checks(results, rows) or ["- no pair measured yet"]), ""]
     return "\n".join(lines)

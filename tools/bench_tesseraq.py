@@ -35,14 +35,15 @@ def holdout_losses(src, tensors: dict, updates: dict, n: int, blocks: int) -> li
     """Chained block losses (FP target, quantized chain input, FP embeddings) of the first
     ``blocks`` blocks on ``n`` wiki windows of 512 tokens after :data:`HOLDOUT_START`."""
     sd = src.state_dict()
-    return _chained(src, {**sd, **updates, **{k: qt.dequantize() for k, qt in tensors.items()}},
-                    n, blocks)
+    return _chained(src, sd, {**sd, **updates,
+                              **{k: qt.dequantize() for k, qt in tensors.items()}}, n, blocks)
 
 
-def _chained(src, q_sd: dict, n: int, blocks: int) -> list[float]:
+def _chained(src, sd: dict, q_sd: dict, n: int, blocks: int) -> list[float]:
+    """Chained block losses of the model ``q_sd`` against the FP model ``sd`` (state dicts)."""
     text = load_eval_text(DATA / "data" / "wikitext-2-raw" / "wiki.test.raw", src.tokenizer)
     x = torch.as_tensor(text.ids[HOLDOUT_START:HOLDOUT_START + n * 512]).view(n, 512)
-    fp, q = build_causal_lm(src.config, src.state_dict()), build_causal_lm(src.config, q_sd)
+    fp, q = build_causal_lm(src.config, sd), build_causal_lm(src.config, q_sd)
     rope = fp.rotary(512)
     out = []
     with torch.no_grad():
@@ -61,7 +62,7 @@ def score_ir(src, path: str, n: int, blocks: int) -> None:
     ir = load_ir(path).state_dict()
     ir.pop("model.embed_tokens.weight", None)
     ir.pop("lm_head.weight", None)
-    held = _chained(src, {**sd, **ir}, n, blocks)
+    held = _chained(src, sd, {**sd, **ir}, n, blocks)
     print(f"{path}: held-out chained block losses: " + " ".join(f"{v:.4g}" for v in held))
 
 

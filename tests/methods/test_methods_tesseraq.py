@@ -8,7 +8,7 @@ import torch
 
 from qexport.backends.gguf.types import spec_for
 from qexport.errors import LoweringError, UnsupportedError
-from qexport.grids import GridKind, GridSpec, ZeroDomain, dequantize, validate
+from qexport.grids import AffineGrid, GridKind, GridSpec, ZeroDomain, dequantize, validate
 from qexport.methods import rtn_quantize
 from qexport.methods.tesseraq import (RoundingVars, TesseraQOptions, awq_block, dst_grid,
                                       fold_scales, rect_sigmoid, rect_sigmoid_inv,
@@ -157,12 +157,16 @@ def test_export_reproduces_fake_quant(rng, spec):
 
 def test_dst_grid_identity_at_one(rng):
     for spec in (GridSpec.affine(3, 32, False), spec_for("Q4_1"), spec_for("Q4_K"),
-                 spec_for("IQ4_NL"), spec_for("Q4_0"), spec_for("Q8_0")):   # signed d: Q4_0/Q8_0
+                 spec_for("IQ4_NL"), spec_for("Q4_0"), spec_for("Q8_0")):
         g = rtn_quantize(_w(rng, 8, 256), spec).grid
+        grids = [g]
+        if spec.name in ("gguf-q4_0", "gguf-q8_0"):      # GGUF's d may be negative: keep the sign
+            grids.append(AffineGrid(scales=-g.scales))
         ng = spec.n_groups(256)
-        g2 = dst_grid(spec, g, np.ones((8, ng), np.float32))
-        for k, a in g.arrays().items():
-            assert np.array_equal(g2.arrays()[k], a), (spec.name, k)
+        for g in grids:
+            g2 = dst_grid(spec, g, np.ones((8, ng), np.float32))
+            for k, a in g.arrays().items():
+                assert np.array_equal(g2.arrays()[k], a), (spec.name, k)
 
 
 @pytest.mark.parametrize("spec", [GridSpec.affine(3, 32, False), spec_for("Q4_0"),
