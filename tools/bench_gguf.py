@@ -181,7 +181,7 @@ class Bench:
         act-order, as run for the README; tesseraq with its defaults: block reconstruction, no
         Hessian options)."""
         from qexport.pipeline import QuantizeOptions, quantize_model
-        name, extra = QEXPORT_METHODS[method]
+        name, extra = QEXPORT_METHODS[method][:2]
         opts = QuantizeOptions(method=name, calib=str(CALIB), n_samples=self.s.calib_samples,
                                seq_len=self.s.seq_len, seed=self.s.seed, progress=False,
                                act_order=None if name == "tesseraq" else True, **extra)
@@ -215,13 +215,7 @@ class Bench:
             self.step(f"ppl|{key}", lambda: self.perplexity(key))
 
 
-#: bench name -> (qexport --method, QuantizeOptions overrides). Variants, run only when named
-#: in --methods: leanquant-p1 (leanquant's loss-weight exponent, default p = 2) and
-#: tesseraq-minmax (TesseraQ on the paper's min-max grid, the default before 2026-11-24).
-QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "gptq": ("gptq", {}), "leanquant": ("leanquant", {}), "tesseraq": ("tesseraq", {}),
-    "leanquant-p1": ("leanquant", {"p": 1.0}),
-    "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}})}
+QEXPORT_METHODS = rep.QEXPORT_METHODS
 DEFAULT_METHODS = ("gptq", "leanquant", "tesseraq")
 
 

@@ -20,10 +20,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement", "parse_ppl",
+__all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement", "parse_ppl",
            "results_table", "table_markdown", "repro_table", "plot_results"]
 
-# methods in table order -> label
+#: qexport's methods in the benchmark: name -> (``qexport --method``, QuantizeOptions overrides,
+#: table label, optional). Optional variants run only when named in ``--methods`` and are
+#: listed only for the types where they were built: leanquant-p1 (leanquant's loss-weight
+#: exponent, default p = 2) and tesseraq-minmax (TesseraQ on the paper's min-max grid, the
+#: default before 2026-11-24).
+QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
+    "gptq": ("gptq", {}, "qexport gptq", False),
+    "leanquant": ("leanquant", {}, "qexport leanquant (act-order)", False),
+    "leanquant-p1": ("leanquant", {"p": 1.0}, "qexport leanquant --p 1 (act-order)", True),
+    "tesseraq": ("tesseraq", {}, "qexport tesseraq", False),
+    "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}},
+                        "qexport tesseraq --tq-grid-init minmax", True),
+}
+# every file key's method -> label (reference files first, then qexport's)
 METHOD_LABELS = {
     "lq": "llama-quantize",
     "lqi": "llama-quantize + imatrix",
@@ -31,18 +44,12 @@ METHOD_LABELS = {
     "rtn-llimat": "qexport rtn + llama-imatrix file",
     "rtn-imat": "qexport rtn + qexport imatrix",
     "lqq": "llama-quantize + qexport imatrix",
-    "gptq": "qexport gptq",
-    "leanquant": "qexport leanquant (act-order)",
-    "tesseraq": "qexport tesseraq",
-    "leanquant-p1": "qexport leanquant --p 1 (act-order)",
-    "tesseraq-minmax": "qexport tesseraq --tq-grid-init minmax",
+    **{m: v[2] for m, v in QEXPORT_METHODS.items()},
 }
-TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", "gptq", "leanquant", "leanquant-p1", "tesseraq",
-                 "tesseraq-minmax")
+TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", *QEXPORT_METHODS)
 #: the plot leaves out qexport rtn (its files are llama-quantize's, byte for byte)
 PLOT_METHODS = tuple(m for m in TABLE_METHODS if m != "rtn")
-#: variants listed only for the types where they were built (run when named in --methods)
-OPTIONAL_METHODS = ("leanquant-p1", "tesseraq-minmax")
+OPTIONAL_METHODS = tuple(m for m, v in QEXPORT_METHODS.items() if v[3])
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
