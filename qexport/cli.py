@@ -374,15 +374,19 @@ def imatrix_cmd(model: str, calib: str, output: str, n_samples: int, seq_len: in
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]),
               help="ONNX folders: onnxruntime execution provider (auto: CUDA when usable).")
+@click.option("--no-lorc", is_flag=True,
+              help="IR folders: leave out the LoRC factors (the base model a runtime runs "
+                   "without the adapter).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_guard
-def eval_cmd(model: str, text: str, ctx: int, windows: int | None, device: str,
+def eval_cmd(model: str, text: str, ctx: int, windows: int | None, device: str, no_lorc: bool,
              as_json: bool, quiet: bool) -> None:
     """Perplexity of MODEL on TEXT (DESIGN §7 protocol): a source model or IR folder with
     qexport's torch forward, or an ONNX folder through onnxruntime."""
     from qexport.commands import run_eval
-    res = run_eval(model, text, ctx, windows, progress=not quiet, device=device)
+    res = run_eval(model, text, ctx, windows, progress=not quiet, device=device,
+                   lorc=not no_lorc)
     if as_json:
         click.echo(json.dumps(res, indent=1))
     else:

@@ -209,19 +209,23 @@ def _eval_onnx(folder: Path, text: str, ctx: int, windows: int | None, progress:
 
 
 def run_eval(model: str, text: str, ctx: int, windows: int | None,
-             progress: bool = True, device: str = "auto") -> dict[str, Any]:
+             progress: bool = True, device: str = "auto", lorc: bool = True) -> dict[str, Any]:
     """Perplexity of a source model or IR folder with qexport's torch forward, or of an ONNX
     folder through onnxruntime (``device`` picks its execution provider; the result names the
-    one that ran)."""
+    one that ran). ``lorc=False``: an IR's base weights without their LoRC factors."""
     from qexport.eval import load_eval_text, perplexity
     from qexport.model.forward import build_causal_lm
     p = Path(model)
+    is_ir = (p / "manifest.json").is_file()
+    if not lorc and not is_ir:
+        raise click.UsageError(f"--no-lorc: expected an IR folder (one with manifest.json), "
+                               f"not {model}")
     if (p / "model.onnx").is_file():
         return _eval_onnx(p, text, ctx, windows, progress, device)
-    if (p / "manifest.json").is_file():
+    if is_ir:
         from qexport.irio import load_ir
         qm = load_ir(p)
-        config, sd, tok_files = qm.config, qm.state_dict(), qm.tokenizer
+        config, sd, tok_files = qm.config, qm.state_dict(with_residual=lorc), qm.tokenizer
     else:
         from qexport.model.load import load_model
         src = load_model(model)
@@ -229,4 +233,5 @@ def run_eval(model: str, text: str, ctx: int, windows: int | None,
     lm = build_causal_lm(config, sd)
     res = perplexity(lm, load_eval_text(text, tok_files), ctx=ctx, n_windows=windows,
                      progress=progress)
-    return {**res, "runtime": "qexport torch forward (fp32)", "provider": "torch CPU"}
+    return {**res, "runtime": "qexport torch forward (fp32)", "provider": "torch CPU",
+            **({} if lorc else {"lorc": "left out (--no-lorc)"})}

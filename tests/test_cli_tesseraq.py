@@ -166,6 +166,36 @@ def test_lorc_reference_is_the_folded_fp_weight(small_llama, calib_file, tmp_pat
     assert float((bad - ref).square().mean()) > 100 * float((full - ref).square().mean())
 
 
+def test_lorc_leaves_tesseraq_codes_alone(small_llama, calib_file, tmp_path):
+    """TesseraQ fits LoRC after each block from its final codes (the next block's input does
+    not see the factors), so a LoRC run's base is the plain run, bit for bit, and
+    ``eval --no-lorc`` of it measures the plain model (tools/bench_quality.py relies on this)."""
+    common = ["--bits", "3", "--group-size", "32", "--asym", *TQ_FAST, "--calib", calib_file]
+    for name, extra in (("plain", []), ("lorc", ["--lorc-rank", "8"])):
+        res = run_cli("quantize", small_llama, *common, *extra, "-o", tmp_path / name)
+        assert res.exit_code == 0, (res.stderr, res.exception)
+    plain, lorc = load_ir(tmp_path / "plain"), load_ir(tmp_path / "lorc")
+    assert sorted(plain.tensors) == sorted(lorc.tensors)
+    for n, qt in plain.tensors.items():
+        other = lorc.tensors[n]
+        assert qt.residual is None and other.residual is not None, n
+        np.testing.assert_array_equal(qt.codes, other.codes, err_msg=n)
+        np.testing.assert_array_equal(qt.dequantize(), other.dequantize(with_residual=False),
+                                      err_msg=n)
+    for n, arr in plain.passthrough.items():          # the folded norms
+        np.testing.assert_array_equal(arr, lorc.passthrough[n], err_msg=n)
+    ev = ["--text", calib_file, "--ctx", "16", "--windows", "4", "--json", "--quiet"]
+    got = {}
+    for key, args in (("plain", [tmp_path / "plain"]), ("base", [tmp_path / "lorc", "--no-lorc"]),
+                      ("lorc", [tmp_path / "lorc"])):
+        res = run_cli("eval", *args, *ev)
+        assert res.exit_code == 0, (res.stderr, res.exception)
+        got[key] = json.loads(res.stdout[res.stdout.index("{"):])["all_targets"]
+    assert got["base"] == got["plain"] and got["lorc"] != got["plain"], got
+    res = run_cli("eval", small_llama, "--no-lorc", *ev)
+    assert res.exit_code == 2 and "--no-lorc" in res.stderr and "IR folder" in res.stderr
+
+
 def test_resume_is_refused(tiny_llama, calib_file, tmp_path):
     before = snapshot(tmp_path)
     res = run_cli("quantize", tiny_llama, *TQ_FAST, "--calib", calib_file, "--resume",

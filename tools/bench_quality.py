@@ -15,7 +15,9 @@ configuration already measured is skipped unless ``--redo``) and written as a ma
 TesseraQ, each alone and + LoRC r=8; columns W4 g128 sym, W3 g128 asym, W2 g64 asym and the
 GGUF grids Q4_0, IQ4_NL and Q3_K with llama.cpp's 256-column fallbacks (``--pure``). One cell
 is one quantization (minutes to an hour on 2 cores), so the table fills over several runs; the
-cache keeps every finished cell and ``docs/bench/methods.md`` shows the measured ones.
+cache keeps every finished cell and ``docs/bench/methods.md`` shows the measured ones. A
+TesseraQ cell still missing when its "+ LoRC r8" cell runs is read off that run's IR
+(:data:`BASE_OF`), so one TesseraQ run fills both.
 
 Calibration: 128 x 512 tokens of ../shared/data/exllamav2-cal/c4.utf8 (seed 0).
 Evaluation: first 80 windows of 512 of ../shared/data/wikitext-2-raw/wiki.test.raw.
@@ -74,6 +76,14 @@ OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax",)
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 
 
+#: rows read off another row's IR instead of a run of their own: TesseraQ fits LoRC after each
+#: block from its final codes (the next block's input does not see the factors), so the base of
+#: a "tesseraq + LoRC r8" IR is the "tesseraq" IR bit for bit (tests/test_cli_tesseraq.py::
+#: test_lorc_leaves_tesseraq_codes_alone) and ``qexport eval --no-lorc`` measures it. The cell
+#: then reports the LoRC run's quantize time (its SVDs included).
+BASE_OF = {"tesseraq + LoRC r8": "tesseraq"}
+
+
 def _cell_applies(row: str, column: str) -> bool:
     return not (row.startswith("leanquant-nu") and column in _NOT_GGUF)
 
@@ -106,11 +116,11 @@ def _qexport(*args: str) -> list[str]:
     return [sys.executable, "-m", "qexport.cli", *args]
 
 
-def _eval(target: str, out: Path, key: str) -> dict:
+def _eval(target: str, out: Path, key: str, *extra: str) -> dict:
     log = out / f"{key}.eval.log"
     js = out / f"{key}.eval.json"
     rc, wall, rss = _run(_qexport("eval", target, "--text", str(WIKI), "--windows", "80",
-                                  "--json", "--quiet"), log)
+                                  "--json", "--quiet", *extra), log)
     if rc != 0:
         raise SystemExit(f"eval of {target} failed (exit {rc}); see {log}")
     text = log.read_text()
@@ -120,9 +130,31 @@ def _eval(target: str, out: Path, key: str) -> dict:
             "eval_seconds": round(wall, 1)}
 
 
+def _file_key(label: str, column: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{label}__{column}")
+
+
+def derive_base(label: str, column: str, out: Path, lorc_res: dict) -> dict:
+    """The ``BASE_OF[label]`` cell of ``column`` from ``label``'s IR (see :data:`BASE_OF`):
+    PPL of ``eval --no-lorc``, bits/weight of the codes and grids only."""
+    from qexport.inspect_cmd import ir_rows
+    ir = out / f"{_file_key(label, column)}.qir"
+    rows, totals = ir_rows(ir)
+    q = [r for r in rows if "bits" in r]
+    bits = sum(r["bits"]["codes"] + r["bits"]["grid"] for r in q)
+    base, (method, extra) = BASE_OF[label], VARIANTS[BASE_OF[label]]
+    res = {"method": base, "column": column, "options": [method, *extra], "derived_from": label,
+           "quantize_seconds": lorc_res["quantize_seconds"],
+           "peak_rss_mib": lorc_res["peak_rss_mib"],
+           "bpw": round(bits / totals["quantized_weights"], 4),
+           "provenance_seconds": lorc_res.get("provenance_seconds")}
+    res.update(_eval(str(ir), out, _file_key(base, column), "--no-lorc"))
+    return res
+
+
 def measure(label: str, column: str, out: Path) -> dict:
     method, extra = VARIANTS[label]
-    key = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{label}__{column}")
+    key = _file_key(label, column)
     ir = out / f"{key}.qir"
     shutil.rmtree(ir.with_name(ir.name + ".partial"), ignore_errors=True)  # a killed earlier run
     cmd = _qexport("quantize", MODEL, "--method", method, *COLUMNS[column], *extra,
@@ -179,16 +211,28 @@ def main() -> None:
     if "fp" not in results or (a.redo and (not a.only or a.only == "fp")):
         results["fp"] = _eval(MODEL, out, "fp")
         rf.write_text(json.dumps(results, indent=1))
-    for method, column in SUITES[a.suite]:
+
+    def todo(key: str) -> bool:
+        return a.redo or key not in results or "error" in results[key]
+
+    cells = [(m, c) for m, c in SUITES[a.suite] if not (a.only and a.only not in f"{m}|{c}")
+             and not any(x in f"{m}|{c}" for x in a.skip)]
+    derived = {(BASE_OF[m], c) for m, c in cells
+               if m in BASE_OF and todo(f"{m}|{c}") and todo(f"{BASE_OF[m]}|{c}")}
+    for method, column in cells:
         key = f"{method}|{column}"
-        if (a.only and a.only not in key) or any(x in key for x in a.skip):
-            continue
-        if key in results and not a.redo and "error" not in results[key]:
+        if not todo(key) or (method, column) in derived:
             continue
         print(f"== {key}", flush=True)
         results[key] = measure(method, column, out)
         rf.write_text(json.dumps(results, indent=1))
         print(json.dumps(results[key]), flush=True)
+        if (BASE_OF.get(method), column) in derived and "error" not in results[key]:
+            base = f"{BASE_OF[method]}|{column}"
+            print(f"== {base} (the base of {key}: eval --no-lorc)", flush=True)
+            results[base] = derive_base(method, column, out, results[key])
+            rf.write_text(json.dumps(results, indent=1))
+            print(json.dumps(results[base]), flush=True)
     md = table(results)
     (out / "results.md").write_text(md)
     if out.resolve() == DEFAULT_OUT.resolve():

@@ -33,7 +33,8 @@ def _cell(results: dict[str, Any], row: str, col: str, applies: bool) -> str:
         return "–"
     if "error" in r:
         return "failed"
-    return f"{r['ppl_all']:.2f} ({r['bpw']:.2f} b, {r['quantize_seconds']:.0f} s)"
+    mark = "ᵇ" if r.get("derived_from") else ""
+    return f"{r['ppl_all']:.2f}{mark} ({r['bpw']:.2f} b, {r['quantize_seconds']:.0f} s)"
 
 
 def _order_checks(results: dict[str, Any], columns: list[str]) -> list[str]:
@@ -100,7 +101,10 @@ def methods_markdown(results: dict[str, Any], rows: list[str], columns: list[str
              "–: not measured yet; n/a: free codebooks cannot be stored in a GGUF type. "
              "TesseraQ rounds on LeanQuant's activation-weighted grid search by default; the "
              "min-max grid row (`--tq-grid-init minmax`, the paper's grid and qexport's default "
-             "before 2026-11-24) holds the cells measured with it.", "",
+             "before 2026-11-24) holds the cells measured with it. ᵇ: the base of the "
+             "+ LoRC r8 run's IR (`qexport eval --no-lorc`): TesseraQ fits LoRC after each "
+             "block from its final codes, so that base is the plain run's IR bit for bit; the "
+             "time is the LoRC run's.", "",
              head, "|---|" + "---:|" * len(columns)]
     for row in rows:
         cells = [_cell(results, row, c, applies(row, c)) for c in columns]
