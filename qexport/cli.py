@@ -187,6 +187,9 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tq-grid-init", default=None, type=click.Choice(["minmax", "search"]),
                      help="tesseraq: the grid PAR rounds on: min-max (the paper's) or "
                           "LeanQuant's activation-weighted grid search [default: search]."),
+        click.option("--tq-rounding-init", default=None, type=click.Choice(["nearest", "gptq"]),
+                     help="tesseraq: where rounding starts on that grid: nearest (the "
+                          "paper's) or GPTQ's codes on the same grid [default: nearest]."),
         click.option("--no-awq", is_flag=True, help="tesseraq: skip the AWQ scale search."),
         click.option("--no-clip", is_flag=True, help="tesseraq: skip the AWQ weight clipping."),
         click.option("--force", is_flag=True, help="Replace an existing output."),

@@ -58,7 +58,7 @@ from qexport.grids import (Grid, GridSpec, concat_grids, dequantize, dequantize_
 from .hessian import fix_dead_columns, inverse_hessian_factor
 from .result import QuantResult, as_weight_tensor, check_spec_shape, hessian_objective, span_len
 
-__all__ = ["gptq_quantize", "GROUP_FIT_MODES", "SpanFitter", "loss_weights"]
+__all__ = ["gptq_quantize", "gptq_on_grid", "GROUP_FIT_MODES", "SpanFitter", "loss_weights"]
 
 GROUP_FIT_MODES = ("updated", "ist")
 WEIGHT_CLAMP = 1e30
@@ -155,9 +155,12 @@ def _span_weights(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torc
     return torch.cat([inside, tail], dim=1)
 
 
-def _column_loop(W: torch.Tensor, U: torch.Tensor, spec: GridSpec, spans: _Spans,
-                 blocksize: int, mode: str) -> tuple[np.ndarray, torch.Tensor, float]:
-    """The lazy-batch GPTQ loop over permuted columns (W is updated in place).
+def _column_loop(W: torch.Tensor, U: torch.Tensor, spec: GridSpec, spans: Any,
+                 blocksize: int, mode: str, pre: torch.Tensor | None = None
+                 ) -> tuple[np.ndarray, torch.Tensor, float]:
+    """The lazy-batch GPTQ loop over permuted columns (W is updated in place). ``spans``: a
+    :class:`_Spans` or :class:`_FixedGrid`; ``pre`` (float32 ``[out, in]``, permuted order), if
+    given, receives every column's updated value at the moment it is rounded.
 
     Returns:
         uint8 codes ``[out, in]`` and float32 values ``Q [out, in]`` (both permuted order),
@@ -177,6 +180,8 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, spec: GridSpec, spans: _Spans
                 spans.fit(i1 + i, _span_weights(W, W1, Err1, U, i1, i, spans.L, mode))
             grid, c0, sl = spans.lookup(i1 + i)
             w = W1[:, i]
+            if pre is not None:
+                pre[:, i1 + i] = w
             c = quantize_nearest(spec, grid, w.numpy()[:, None], c0, sl)
             q = torch.from_numpy(dequantize_span(spec, grid, c, c0, sl)[:, 0])
             codes[:, i1 + i] = c[:, 0]
@@ -292,3 +297,49 @@ def gptq_quantize(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, sp
                   "seconds_factor": round(t1 - t0, 4), "seconds_loop": round(t2 - t1, 4),
                   "seconds": round(time.perf_counter() - t0, 4)})
     return QuantResult(codes=codes, grid=grid, spec=spec, stats=stats)
+
+
+class _FixedGrid:
+    """Span lookup for a whole-tensor grid given up front (:func:`gptq_on_grid`)."""
+
+    def __init__(self, grid: Grid, in_f: int, perm: np.ndarray | None) -> None:
+        self._grid, self.in_f, self.perm, self.L = grid, in_f, perm, in_f
+
+    def needs_fit(self, col: int) -> bool:
+        return False
+
+    def lookup(self, col: int) -> tuple[Grid, int, int]:
+        return self._grid, int(self.perm[col]) if self.perm is not None else col, self.in_f
+
+    def grid(self) -> Grid:
+        return self._grid
+
+
+def gptq_on_grid(W: np.ndarray | torch.Tensor, H: np.ndarray | torch.Tensor, spec: GridSpec,
+                 grid: Grid, *, name: str = "tensor", blocksize: int = 128,
+                 percdamp: float = 0.01, actorder: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """GPTQ's column loop on a grid fixed beforehand (e.g. TesseraQ's), keeping the weights it
+    rounds.
+
+    Args:
+        W: float32 ``[out, in]``; H: float32 ``[in, in]`` Hessian; grid: ``W``'s whole-tensor
+            grid on ``spec``.
+    Returns:
+        ``(codes, W_pre, stats)``: uint8 codes ``[out, in]``, float32 ``W_pre [out, in]`` (every
+        column's error-updated value when GPTQ rounded it, so ``codes`` is the nearest code of
+        ``W_pre``; dead columns 0), both in original column order, and the damping report.
+    """
+    Wt, Ht, _, _ = _inputs(W, H, spec, name)
+    fix_dead_columns(Ht, Wt)
+    perm = torch.argsort(torch.diagonal(Ht), descending=True, stable=True) if actorder else None
+    if perm is not None:
+        Wt, Ht = Wt[:, perm].contiguous(), Ht[perm][:, perm]
+    U, hrep = inverse_hessian_factor(Ht, name=name, percdamp=percdamp)
+    pre = torch.empty_like(Wt)
+    spans = _FixedGrid(grid, Wt.shape[1], perm.numpy() if perm is not None else None)
+    codes, _, _ = _column_loop(Wt, U, spec, spans, blocksize, "updated", pre)
+    if perm is not None:
+        inv = torch.argsort(perm).numpy()
+        codes, pre = np.ascontiguousarray(codes[:, inv]), pre[:, inv]
+    return codes, pre.numpy().astype(np.float32), hrep

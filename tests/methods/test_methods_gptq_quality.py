@@ -111,3 +111,22 @@ def test_shape_and_argument_errors(rng):
         gptq_quantize(W, H, SPECS["w4g128s"], group_fit="stale")
     with pytest.raises(InputError, match="blocksize"):
         gptq_quantize(W, H, SPECS["w4g128s"], blocksize=0)
+
+
+@pytest.mark.parametrize("key", ["w3g128a", "q4_k", "iq4_nl"])
+def test_gptq_on_grid_is_gptq_and_keeps_the_rounded_weights(rng, key):
+    """On the grid static-group GPTQ fits, :func:`gptq_on_grid` makes the same codes, and they
+    are the nearest codes of the weights it returns (each column as GPTQ rounded it)."""
+    from qexport.grids import quantize_nearest
+    from qexport.methods.gptq import gptq_on_grid
+    spec = SPECS[key]
+    W, H = correlated_layer(rng)
+    d = np.exp(rng.standard_normal(W.shape[1]))           # uneven diag(H): a real act-order
+    H = (H.astype(np.float64) * d[None, :] * d[:, None]).astype(np.float32)
+    ref = gptq_quantize(W, H, spec, actorder=True, static_groups=True)
+    codes, W_pre, rep = gptq_on_grid(W, H, spec, ref.grid, actorder=True)
+    np.testing.assert_array_equal(codes, ref.codes)
+    assert W_pre.dtype == np.float32 and W_pre.shape == W.shape
+    np.testing.assert_array_equal(quantize_nearest(spec, ref.grid, W_pre, 0, W.shape[1]), codes)
+    assert not np.array_equal(quantize_nearest(spec, ref.grid, W, 0, W.shape[1]), codes)
+    assert rep["percdamp"] == 0.01

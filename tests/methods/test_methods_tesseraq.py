@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qexport.backends.gguf.types import spec_for
-from qexport.errors import LoweringError, UnsupportedError
+from qexport.errors import InputError, LoweringError, UnsupportedError
 from qexport.grids import AffineGrid, GridKind, GridSpec, ZeroDomain, dequantize, validate
 from qexport.methods import rtn_quantize
 from qexport.methods.tesseraq import (RoundingVars, TesseraQOptions, awq_block, dst_grid,
@@ -283,14 +283,18 @@ def _ir_block_losses(src, tensors, updates, samples, n_eval):
                                        (spec_for("Q4_K"), "minmax"),
                                        (spec_for("IQ4_NL"), "minmax"),
                                        (spec_for("Q4_0"), "search"),
-                                       (spec_for("Q4_K"), "search")],
+                                       (spec_for("Q4_K"), "search"),
+                                       (GridSpec.affine(2, 32, False), "search+gptq"),
+                                       (spec_for("Q4_K"), "search+gptq")],
                          ids=lambda x: getattr(x, "name", x))
 def test_model_export_reproduces_calibrated_forward(tiny_qwen2, spec, init):
     src = load_model(tiny_qwen2)
     samples = _samples()
     fp: dict = {}
-    tensors, updates, stats = tesseraq_quantize_model(src, _plan(src, spec), samples,
-                                                      _fast(grid_init=init), fp_weights_out=fp)
+    grid_init, _, rounding = init.partition("+")
+    opts = _fast(grid_init=grid_init, rounding_init=rounding or "nearest")
+    tensors, updates, stats = tesseraq_quantize_model(src, _plan(src, spec), samples, opts,
+                                                      fp_weights_out=fp)
     assert set(tensors) == set(src.linear_names()) == set(fp)
     for qt in tensors.values():
         qt.validate()
@@ -331,3 +335,29 @@ def test_tesseraq_beats_rtn_on_tiny_llama(tiny_llama, bits):
         assert b["loss_final"] < b["loss_rtn"], b
         assert b["loss_final"] < b["loss_awq_rtn"], b
     assert sum(qt.stats["up_flips"] for qt in tensors.values()) > 0
+
+
+@pytest.mark.parametrize("spec", [GridSpec.affine(2, 32, False), spec_for("Q4_K")],
+                         ids=lambda s: s.name)
+def test_gptq_rounding_init_starts_below_nearest(tiny_llama, spec):
+    """rounding_init="gptq": before any training the hard weights are GPTQ's codes on the same
+    grid, whose block loss is below round-to-nearest's in every block; with no training steps
+    the export is exactly those codes."""
+    src = load_model(tiny_llama)
+    samples = _samples(8, 32)
+    runs = {}
+    for init in ("nearest", "gptq"):
+        opts = _fast(iterations=0, rounding_init=init, awq_samples=4)
+        runs[init] = tesseraq_quantize_model(src, _plan(src, spec), samples, opts)
+    for bn, bg in zip(runs["nearest"][2]["blocks"], runs["gptq"][2]["blocks"]):
+        assert bg["loss_awq_rtn"] < bn["loss_awq_rtn"], (bn["layer"], bg, bn)
+    flips = sum(qt.stats["up_flips"] for qt in runs["gptq"][0].values())
+    assert flips == 0                      # no steps: the export is the initial (GPTQ) codes
+    moved = sum(int((runs["gptq"][0][n].codes != qt.codes).sum())
+                for n, qt in runs["nearest"][0].items())
+    assert moved > 0
+
+
+def test_rounding_init_is_checked():
+    with pytest.raises(InputError, match="rounding_init.*nearest.*gptq"):
+        _fast(rounding_init="adaround").check()

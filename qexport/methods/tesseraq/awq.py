@@ -199,6 +199,27 @@ def input_importance(layer: Any, h: torch.Tensor, rope: Any) -> dict[str, np.nda
     return out
 
 
+def input_hessians(layer: Any, h: torch.Tensor, rope: Any, bs: int = 8
+                   ) -> dict[str, torch.Tensor]:
+    """GPTQ's Hessian ``2/N sum x x^T`` of every linear's input (N tokens), in batches of ``bs``
+    sequences of ``h`` (float32 ``[n, T, hidden]`` block inputs).
+
+    Returns: ``{relative module name: float32 [in_features, in_features]}``.
+    """
+    acc: dict[str, torch.Tensor] = {}
+    for s in range(0, h.shape[0], bs):
+        cap = _Captured(layer, h[s:s + bs], rope)
+        for key, x in (("attn", cap.x_attn), ("o", cap.x_o), ("mlp", cap.x_mlp),
+                       ("down", cap.x_down)):
+            x = x.reshape(-1, x.shape[-1]).double()
+            acc[key] = acc[key] + x.T @ x if key in acc else x.T @ x
+    n = h.shape[0] * h.shape[1]
+    H = {k: (2.0 / n * v).float() for k, v in acc.items()}
+    return {"self_attn.q_proj": H["attn"], "self_attn.k_proj": H["attn"],
+            "self_attn.v_proj": H["attn"], "self_attn.o_proj": H["o"],
+            "mlp.gate_proj": H["mlp"], "mlp.up_proj": H["mlp"], "mlp.down_proj": H["down"]}
+
+
 def _token_subset(x: torch.Tensor, n: int) -> torch.Tensor:
     """Evenly strided ``n`` rows of ``x`` flattened to ``[tokens, d]`` (llm-awq's ``::step``)."""
     flat = x.reshape(-1, x.shape[-1])

@@ -23,17 +23,20 @@ import torch
 from qexport.errors import InputError, NumericsError
 from qexport.grids import GridKind, GridSpec
 from qexport.ir import QTensor
+from qexport.methods.gptq import gptq_on_grid
 from qexport.methods.result import check_spec_shape
 from qexport.model.arch import LINEAR_MODULES
 
-from .awq import AwqConfig, awq_block, fake_quant, input_importance
+from .awq import AwqConfig, awq_block, fake_quant, input_hessians, input_importance
 from .block import batched, block_loss, block_output, full_name, relative_weights, swapped
 from .levels import check_supported, fit_grid
 from .par import RoundingVars
 
-__all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "tesseraq_quantize_model"]
+__all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "ROUNDING_INITS",
+           "tesseraq_quantize_model"]
 
 GRID_INITS = ("minmax", "search")
+ROUNDING_INITS = ("nearest", "gptq")
 
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "20": (0.8, 0.65, 0.5, 0.43, 0.38, 0.34, 0.3, 0.27, 0.24, 0.21, 0.18, 0.15, 0.12, 0.10,
@@ -56,7 +59,11 @@ class TesseraQOptions:
     weighted-error grid search on the AWQ-folded, clipped weights, weighted by the mean squared
     input of every column over the first ``awq_samples`` block inputs; lower block losses than
     min-max on calibration and held-out windows in ``tools/bench_tesseraq.py --holdout``) or
-    "minmax" (the paper's). eval_samples: sequences for the reported block losses. threads:
+    "minmax" (the paper's). rounding_init: where the rounding variables start on that grid:
+    "nearest" (the paper's: each weight's position between its two neighbouring levels, so
+    the hard start is round-to-nearest) or "gptq" (the positions of the weights GPTQ's column
+    loop rounds on the same grid, act-order, damp 0.01, Hessians from the block's quantized-
+    chain inputs: the hard start is GPTQ's codes). eval_samples: sequences for the reported block losses. threads:
     torch threads for the run (batched forwards, AWQ); train_threads: for the PAR loop, whose
     steps are small (128 tokens): one thread measured 4x less CPU than two on a busy 2-core
     machine.
@@ -86,6 +93,7 @@ class TesseraQOptions:
     clip_tokens: int = 512
     eval_samples: int = 4
     grid_init: str = "search"
+    rounding_init: str = "nearest"
     forward_batch: int = 8
     seed: int = 42
     threads: int | None = 2
@@ -113,6 +121,9 @@ class TesseraQOptions:
         if self.grid_init not in GRID_INITS:
             raise InputError(f"tesseraq grid_init expected one of {list(GRID_INITS)} "
                              f"(not {self.grid_init!r})")
+        if self.rounding_init not in ROUNDING_INITS:
+            raise InputError(f"tesseraq rounding_init expected one of {list(ROUNDING_INITS)} "
+                             f"(not {self.rounding_init!r})")
         if not 0 <= self.clip_max_shrink < 1:
             raise InputError(f"tesseraq clip_max_shrink expected in [0, 1) "
                              f"(not {self.clip_max_shrink})")
@@ -243,10 +254,13 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
     layer = make(w)
     imp = (input_importance(layer, h_q[:opts.awq_samples], rope)
            if opts.grid_init == "search" else {})
+    hess = input_hessians(layer, h_q, rope, fb) if opts.rounding_init == "gptq" else {}
     tvars = {}
     for m, s in specs.items():
         name, Wm = full_name(i, f"{m}.weight"), w[f"{m}.weight"].numpy()
-        grid = fit_grid(s, Wm, name, imp[m]) if m in imp else None
+        grid = fit_grid(s, Wm, name, imp.get(m))
+        if m in hess:                       # start from the weights GPTQ rounds on this grid
+            Wm = gptq_on_grid(Wm, hess[m], s, grid, name=name)[1]
         tvars[m] = RoundingVars(name, Wm, s, dst=opts.use_dst(s), grid=grid)
     nearest = {f"{m}.weight": v.hard_weight() for m, v in tvars.items()}
     loss_init = _eval_loss(layer, nearest, h_q[ev], y_fp[ev], rope, fb)
