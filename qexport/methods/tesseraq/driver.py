@@ -63,8 +63,8 @@ class TesseraQOptions:
     "nearest" (the paper's: each weight's position between its two neighbouring levels, so
     the hard start is round-to-nearest) or "gptq" (the positions of the weights GPTQ's column
     loop rounds on the same grid, act-order, damp 0.01, Hessians from the block's quantized-
-    chain inputs: the hard start is GPTQ's codes). eval_samples: sequences for the reported block losses. threads:
-    torch threads for the run (batched forwards, AWQ); train_threads: for the PAR loop, whose
+    chain inputs: the hard start is GPTQ's codes). eval_samples: sequences for the reported
+    block losses. threads: torch threads for the run (batched forwards, AWQ); train_threads: for the PAR loop, whose
     steps are small (128 tokens): one thread measured 4x less CPU than two on a busy 2-core
     machine.
 
