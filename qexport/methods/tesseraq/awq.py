@@ -211,8 +211,9 @@ def input_hessians(layer: Any, h: torch.Tensor, rope: Any, bs: int = 8
         cap = _Captured(layer, h[s:s + bs], rope)
         for key, x in (("attn", cap.x_attn), ("o", cap.x_o), ("mlp", cap.x_mlp),
                        ("down", cap.x_down)):
-            x = x.reshape(-1, x.shape[-1]).double()
-            acc[key] = acc[key] + x.T @ x if key in acc else x.T @ x
+            x = x.reshape(-1, x.shape[-1])
+            xx = (x.T @ x).double()               # fp32 per batch, summed in fp64
+            acc[key] = acc[key] + xx if key in acc else xx
     n = h.shape[0] * h.shape[1]
     H = {k: (2.0 / n * v).float() for k, v in acc.items()}
     return {"self_attn.q_proj": H["attn"], "self_attn.k_proj": H["attn"],
