@@ -63,10 +63,10 @@ class TesseraQOptions:
     "nearest" (the paper's: each weight's position between its two neighbouring levels, so
     the hard start is round-to-nearest) or "gptq" (the positions of the weights GPTQ's column
     loop rounds on the same grid, act-order, damp 0.01, Hessians from the block's quantized-
-    chain inputs: the hard start is GPTQ's codes). eval_samples: sequences for the reported
-    block losses. threads: torch threads for the run (batched forwards, AWQ); train_threads: for the PAR loop, whose
-    steps are small (128 tokens): one thread measured 4x less CPU than two on a busy 2-core
-    machine.
+    chain inputs: the hard start is GPTQ's codes; ``up_flips`` then counts flips from those).
+    eval_samples: sequences for the reported block losses. threads: torch threads for the run
+    (batched forwards, AWQ); train_threads: for the PAR loop, whose steps are small (128
+    tokens): one thread measured 4x less CPU than two on a busy 2-core machine.
 
     Defaults are sized for SmolLM2-135M (30 blocks, 128 x 512 calibration tokens) to finish in
     well under an hour on 2 CPU cores: the 20-threshold schedule x 48 steps of one 128-token
