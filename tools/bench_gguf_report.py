@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement", "parse_ppl",
-           "results_table", "table_markdown", "repro_table", "plot_results"]
+__all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement",
+           "parse_ppl", "results_table", "table_markdown", "repro_table", "plot_results"]
 
 #: qexport's methods in the benchmark: name -> (``qexport --method``, QuantizeOptions overrides,
 #: table label, optional). Optional variants run only when named in ``--methods`` and are
