@@ -22,7 +22,8 @@ __all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes",
 TQ_CLI = {"tq_schedule": "thresholds", "tq_steps": "iterations", "tq_lr": "lr",
           "tq_scale_lr": "scale_lr", "tq_batch": "batch_size", "tq_train_len": "train_len",
           "tq_dst": "dst", "tq_awq_grid": "awq_grid", "tq_grid_init": "grid_init",
-          "tq_rounding_init": "rounding_init", "no_awq": "awq", "no_clip": "clip"}
+          "tq_rounding_init": "rounding_init", "tq_lorc": "lorc", "no_awq": "awq",
+          "no_clip": "clip"}
 
 
 def model_shapes(src: Any) -> dict[str, tuple[int, int]]:

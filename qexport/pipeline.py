@@ -44,6 +44,7 @@ class QuantizeOptions:
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
     offload_activations: bool = False      # calibration residual stream in a $TMPDIR file
     lorc_rank: int = 0
+    lorc_weight: str = "none"              # methods.lorc.LORC_WEIGHTS: "hessian" needs calib
     imatrix: str | None = None             # rtn on GGUF grids: llama-imatrix GGUF path or "auto"
     tesseraq: dict[str, Any] = field(default_factory=dict)   # TesseraQOptions overrides
     progress: bool = True
@@ -56,6 +57,7 @@ class QuantizeOptions:
         if self.method in CALIBRATED and not self.calib:
             raise UnsupportedError(f"--method {self.method} needs calibration text (--calib FILE)")
         self._check_imatrix()
+        self._check_lorc()
         if self.offload_activations and self.method not in ("gptq", "leanquant", "leanquant-nu"):
             raise UnsupportedError(f"--offload-activations applies to the layer-wise calibrated "
                                    f"methods gptq, leanquant, leanquant-nu (not {self.method})")
@@ -64,6 +66,19 @@ class QuantizeOptions:
         elif self.tesseraq:
             raise UnsupportedError(f"tesseraq options ({', '.join(sorted(self.tesseraq))}) "
                                    f"apply to --method tesseraq only (not {self.method})")
+
+    def _check_lorc(self) -> None:
+        from qexport.methods.lorc import LORC_WEIGHTS
+        if self.lorc_weight not in LORC_WEIGHTS:
+            raise UnsupportedError(f"unknown LoRC weighting {self.lorc_weight!r}; expected one "
+                                   f"of {list(LORC_WEIGHTS)}")
+        if self.lorc_weight != "none" and self.method not in CALIBRATED:
+            raise UnsupportedError(f"--lorc-weight {self.lorc_weight} needs calibration inputs: "
+                                   f"use a calibrated method ({', '.join(sorted(CALIBRATED))}), "
+                                   f"not {self.method}")
+        if self.lorc_weight != "none" and self.lorc_rank <= 0:
+            raise UnsupportedError(f"--lorc-weight {self.lorc_weight} weights LoRC factors: "
+                                   "add --lorc-rank R (R >= 1)")
 
     def _check_imatrix(self) -> None:
         """``imatrix``: None, a path (normalised to str) or "auto"; only with rtn."""
@@ -103,9 +118,12 @@ def _check_finite(name: str, W: np.ndarray) -> None:
                             f"{int(bad.sum())} non-finite in all)")
 
 
-def _add_lorc(qt: QTensor, W: np.ndarray, rank: int) -> None:
+def _add_lorc(qt: QTensor, W: np.ndarray, rank: int, H: Any = None) -> None:
+    """LoRC factors of ``W - dequant(qt)``; ``H`` (float ``[in, in]``): Hessian-weighted."""
     from qexport.methods.lorc import lorc_factors
-    qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank)
+    if H is not None and not isinstance(H, np.ndarray):
+        H = H.detach().cpu().numpy()
+    qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank, H=H)
 
 
 #: act-order when --act-order/--no-act-order is not given. gptq: on (measured better on the
@@ -217,7 +235,8 @@ def _quantize_tesseraq(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOpti
 
     _, updates, report = tesseraq_quantize_model(src, plan, samples, tq,
                                                  on_block_done=block_done, fp_weights_out=fp,
-                                                 keep_tensors=False)
+                                                 keep_tensors=False, lorc_rank=opts.lorc_rank,
+                                                 lorc_weight=opts.lorc_weight)
     blocks = [{k: v for k, v in b.items() if "seconds" not in str(k)}
               for b in report["blocks"]]
     return _FoldedSource(src, updates), calib_info, {"options": report["options"],
@@ -247,11 +266,10 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
     linears = [n for n in linear_names(n_layers) if n in plan]
     tensors: dict[str, QTensor] = {}
     calib_info: dict[str, Any] = {}
-    originals: dict[str, np.ndarray] = {}
 
-    def finish(name: str, qt: QTensor, W: np.ndarray) -> QTensor:
-        if opts.lorc_rank > 0:
-            _add_lorc(qt, W, opts.lorc_rank)
+    def finish(name: str, qt: QTensor, W: np.ndarray, H: Any = None) -> QTensor:
+        if opts.lorc_rank > 0 and qt.residual is None:     # tesseraq fits its own
+            _add_lorc(qt, W, opts.lorc_rank, H if opts.lorc_weight == "hessian" else None)
         qt.stats = _untimed(qt.stats)
         tensors[name] = qt if sink is None else sink.add(qt)   # sink: a small stand-in
         if on_tensor is not None:
@@ -276,7 +294,7 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
             Wn = W.detach().cpu().numpy().astype(np.float32)
             _check_finite(name, Wn)
             res = layer_quantizer(Wn, H, plan[name].spec, name)
-            qt = finish(name, res.to_qtensor(name), Wn)
+            qt = finish(name, res.to_qtensor(name), Wn, H)
             return torch.from_numpy(qt.dequantize())
 
         # --- resume hooks (checkpoint.py): restore finished layers, save each new one ---
@@ -317,7 +335,8 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
     # progress and offloading change how a run looks and where memory goes, not its result
     prov = {"method": opts.method, "options": {k: v for k, v in asdict(opts).items()
                                                if k not in ("progress", "offload_activations")},
-            "calibration": calib_info, "source": getattr(src, "source", ""), "host": platform.machine()}
+            "calibration": calib_info, "source": getattr(src, "source", ""),
+            "host": platform.machine()}
     prov.update(method_prov)
     recipe = {"tensors": {n: p.to_dict() for n, p in plan.items()}}
     if sink is not None:                # passthrough streamed too, one tensor at a time

@@ -227,3 +227,42 @@ def test_tesseraq_options_need_tesseraq(tiny_llama, tmp_path):
     assert_clean_failure(res, tmp_path, before, "--tq-steps", "--method tesseraq")
     res = run_cli("quantize", tiny_llama, "--method", "tesseraq", "--quiet", "-o", tmp_path / "ir")
     assert_clean_failure(res, tmp_path, before, "--calib")
+
+
+def test_lorc_chain_and_hessian_weighting(small_llama, calib_file, tmp_path):
+    """``--tq-lorc chain``: block 0 is the plain run's and the next block learns on the
+    compensated outputs (its codes change); ``--lorc-weight hessian`` keeps the base and fits
+    other factors, with a lower output error on block 0's own inputs."""
+    common = ["--bits", "2", "--group-size", "32", "--asym", *TQ_FAST, "--calib", calib_file,
+              "--lorc-rank", "8"]
+    runs = {"after": [], "chain": ["--tq-lorc", "chain"], "hess": ["--lorc-weight", "hessian"]}
+    for name, extra in runs.items():
+        res = run_cli("quantize", small_llama, *common, *extra, "-o", tmp_path / name)
+        assert res.exit_code == 0, (res.stderr, res.exception)
+    qm = {k: load_ir(tmp_path / k) for k in runs}
+    assert qm["chain"].provenance["tesseraq"]["options"]["lorc"] == "chain"
+    assert qm["hess"].provenance["options"]["lorc_weight"] == "hessian"
+    names = sorted(qm["after"].tensors)
+    changed = {n for n in names
+               if not np.array_equal(qm["after"].tensors[n].codes, qm["chain"].tensors[n].codes)}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
+    for n in names:
+        a, h = qm["after"].tensors[n], qm["hess"].tensors[n]
+        np.testing.assert_array_equal(a.codes, h.codes, err_msg=n)
+        assert not np.array_equal(a.residual.B, h.residual.B), n
+    # block 0's q_proj input: rmsnorm(embeddings) x the folded norm; its FP output is the
+    # source's (AWQ folding keeps x @ W^T), so the error of base + factors needs no AWQ scale
+    from qexport.calib import load_calibration
+    src = load_model(small_llama)
+    ids = load_calibration(calib_file, src.tokenizer, n_samples=8, seq_len=32, seed=0)[0]
+    emb = torch.nn.functional.embedding(ids, torch.from_numpy(src.get("model.embed_tokens.weight")))
+    rms = (emb * torch.rsqrt(emb.square().mean(-1, keepdim=True) + src.arch.rms_eps)).double()
+    pre, name = "model.layers.0.", "model.layers.0.self_attn.q_proj.weight"
+    y_fp = (rms * torch.from_numpy(src.get(pre + "input_layernorm.weight")).double()) @ \
+        torch.from_numpy(src.get(name)).double().T
+    x = rms * torch.from_numpy(qm["after"].passthrough[pre + "input_layernorm.weight"]).double()
+    err = {k: float((x @ torch.from_numpy(qm[k].tensors[name].dequantize()).double().T - y_fp)
+                    .norm()) for k in ("after", "hess")}
+    base = float((x @ torch.from_numpy(qm["after"].tensors[name].dequantize(False)).double().T
+                  - y_fp).norm())
+    assert err["hess"] < 0.9 * err["after"] and err["after"] < base, (err, base)

@@ -6,7 +6,6 @@ import hashlib
 import mmap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

@@ -64,15 +64,25 @@ VARIANTS = {
     "leanquant + LoRC r8": ("leanquant", ["--lorc-rank", "8"]),
     "leanquant-nu + LoRC r8": ("leanquant-nu", ["--lorc-rank", "8"]),
     "tesseraq + LoRC r8": ("tesseraq", ["--lorc-rank", "8"]),
+    "tesseraq + LoRC r8, --lorc-weight hessian":
+        ("tesseraq", ["--lorc-rank", "8", "--lorc-weight", "hessian"]),
+    "tesseraq + LoRC r8, --tq-lorc chain": ("tesseraq", ["--lorc-rank", "8", "--tq-lorc", "chain"]),
+    "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian":
+        ("tesseraq", ["--lorc-rank", "8", "--tq-lorc", "chain", "--lorc-weight", "hessian"]),
+    "leanquant + LoRC r8, --lorc-weight hessian":
+        ("leanquant", ["--lorc-rank", "8", "--lorc-weight", "hessian"]),
     "leanquant, --p 1": ("leanquant", ["--p", "1"]),
     "leanquant, --p 0": ("leanquant", ["--p", "0"]),
 }
 #: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
 TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq",
               "tesseraq, --tq-grid-init minmax", "rtn + LoRC r8", "gptq + LoRC r8",
-              "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8"]
+              "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8",
+              "leanquant + LoRC r8, --lorc-weight hessian",
+              "tesseraq + LoRC r8, --lorc-weight hessian", "tesseraq + LoRC r8, --tq-lorc chain",
+              "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian"]
 #: rows shown only in the columns where they were measured (the suite does not run them)
-OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax",)
+OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *TABLE_ROWS[11:])
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 
 
@@ -98,6 +108,8 @@ SUITES = {
     "tesseraq-init": [(v, c) for c in ("GGUF Q4_0", "W4 g128 sym")
                       for v in ("tesseraq", "tesseraq, --tq-grid-init minmax")],
     # LeanQuant's loss-weight exponent (default 2) at W4 / W3
+    # LoRC's variants (qexport's options) where the paper's LoRC does not help TesseraQ
+    "lorc-variants": [(v, c) for c in ("W2 g64 asym", "W3 g128 asym") for v in TABLE_ROWS[11:]],
     "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
 }
@@ -166,7 +178,8 @@ def measure(label: str, column: str, out: Path) -> dict:
     man = json.loads((ir / "manifest.json").read_text())
     from qexport.inspect_cmd import ir_rows
     _, totals = ir_rows(ir)
-    res = {"method": label, "column": column, "options": [method, *extra], "quantize_seconds": round(wall, 1),
+    res = {"method": label, "column": column, "options": [method, *extra],
+           "quantize_seconds": round(wall, 1),
            "peak_rss_mib": round(rss), "bpw": totals["bpw_quantized"],
            "provenance_seconds": man["provenance"].get("seconds")}
     res.update(_eval(str(ir), out, key))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qexport.errors import InputError
+from qexport.errors import InputError, NumericsError
 from qexport.grids import GridSpec, check_representable
 from qexport.ir import QTensor
 from qexport.methods import gptq_quantize, rtn_quantize
@@ -88,3 +88,50 @@ def test_rank_out_of_range(rng, rank):
     W, Wq, _ = _quantized(rng)
     with pytest.raises(InputError, match="rank"):
         lorc_factors(W, Wq, rank)
+
+
+def _calib_inputs(rng: np.random.Generator, in_f: int = 96, n: int = 512) -> np.ndarray:
+    """Correlated inputs with a few loud channels (like post-norm activations)."""
+    X = rng.standard_normal((n, in_f)) @ rng.standard_normal((in_f, in_f)) * 0.2
+    X[:, :4] *= 20
+    return X
+
+
+def test_hessian_weighting_is_the_optimal_output_error_truncation(rng):
+    """Hessian-weighted factors minimise ||X (E - M)^T||_F over rank-r M: equal to the
+    Eckart-Young bound of E L, below the Frobenius factors' output error, and above it in the
+    Frobenius norm they do not minimise."""
+    W, Wq, _ = _quantized(rng)
+    X = _calib_inputs(rng)
+    H = 2.0 / X.shape[0] * X.T @ X
+    E = W.astype(np.float64) - Wq
+    L = np.linalg.cholesky(H + 1e-9 * np.eye(96))
+    for r in (1, 4, 8):
+        fro = lorc_factors(W, Wq, r, dtype="fp32").matrix()
+        hes = lorc_factors(W, Wq, r, dtype="fp32", H=H, percdamp=1e-9).matrix()
+        out = lambda M: float(np.linalg.norm(X @ (E - M).T))     # noqa: E731
+        best = _tail_norm(E @ L, r) * np.sqrt(X.shape[0] / 2.0)
+        assert out(hes) == pytest.approx(best, rel=1e-4)
+        assert out(hes) < 0.95 * out(fro)
+        assert np.linalg.norm(E - hes) > np.linalg.norm(E - fro)
+
+
+def test_hessian_weighting_full_rank_and_fp16_balanced(rng):
+    W, Wq, qt = _quantized(rng)
+    X = _calib_inputs(rng) * 1e-3                 # tiny inputs: L^-1 would blow B up
+    H = (2.0 / X.shape[0] * X.T @ X).astype(np.float32)
+    back = Wq + lorc_factors(W, Wq, 48, dtype="fp32", H=H).matrix()
+    np.testing.assert_allclose(back, W, rtol=0, atol=1e-5 * np.abs(W).max())
+    lr = lorc_factors(W, Wq, 8, H=H)
+    lr.validate(qt.shape, "l.w")
+    np.testing.assert_allclose(np.abs(lr.A).max(axis=0), np.abs(lr.B).max(axis=1), rtol=2e-2)
+    H[5, :] = H[:, 5] = 0                          # a dead input column
+    assert np.isfinite(lorc_factors(W, Wq, 8, H=H).matrix()).all()
+
+
+@pytest.mark.parametrize("bad,match", [(np.eye(95), r"\[96, 96\]"),
+                                       (np.full((96, 96), np.nan), "finite")])
+def test_hessian_checked(rng, bad, match):
+    W, Wq, _ = _quantized(rng)
+    with pytest.raises((InputError, NumericsError), match=match):
+        lorc_factors(W, Wq, 4, H=bad)

@@ -31,12 +31,14 @@ from .awq import AwqConfig, awq_block, fake_quant, input_hessians, input_importa
 from .block import batched, block_loss, block_output, full_name, relative_weights, swapped
 from .levels import check_supported, fit_grid
 from .par import RoundingVars
+from .residual import fit_block_lorc
 
-__all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "ROUNDING_INITS",
+__all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "ROUNDING_INITS", "LORC_MODES",
            "tesseraq_quantize_model"]
 
 GRID_INITS = ("minmax", "search")
 ROUNDING_INITS = ("nearest", "gptq")
+LORC_MODES = ("after", "chain")
 
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "20": (0.8, 0.65, 0.5, 0.43, 0.38, 0.34, 0.3, 0.27, 0.24, 0.21, 0.18, 0.15, 0.12, 0.10,
@@ -64,6 +66,10 @@ class TesseraQOptions:
     the hard start is round-to-nearest) or "gptq" (the positions of the weights GPTQ's column
     loop rounds on the same grid, act-order, damp 0.01, Hessians from the block's quantized-
     chain inputs: the hard start is GPTQ's codes; ``up_flips`` then counts flips from those).
+    lorc (with a LoRC rank): "after" fits each block's factors once its codes are final and
+    leaves the next block's input without them (so the base is the plain run's, bit for bit);
+    "chain" feeds the next block the compensated outputs, so its rounding is learnt on what
+    the runtime computes with the adapter (as gptq / leanquant do).
     eval_samples: sequences for the reported block losses. threads: torch threads for the run
     (batched forwards, AWQ); train_threads: for the PAR loop, whose steps are small (128
     tokens): one thread measured 4x less CPU than two on a busy 2-core machine.
@@ -94,6 +100,7 @@ class TesseraQOptions:
     eval_samples: int = 4
     grid_init: str = "search"
     rounding_init: str = "nearest"
+    lorc: str = "after"
     forward_batch: int = 8
     seed: int = 42
     threads: int | None = 2
@@ -124,6 +131,9 @@ class TesseraQOptions:
         if self.rounding_init not in ROUNDING_INITS:
             raise InputError(f"tesseraq rounding_init expected one of {list(ROUNDING_INITS)} "
                              f"(not {self.rounding_init!r})")
+        if self.lorc not in LORC_MODES:
+            raise InputError(f"tesseraq lorc expected one of {list(LORC_MODES)} "
+                             f"(not {self.lorc!r})")
         if not 0 <= self.clip_max_shrink < 1:
             raise InputError(f"tesseraq clip_max_shrink expected in [0, 1) "
                              f"(not {self.clip_max_shrink})")
@@ -230,9 +240,10 @@ def _export(i: int, tvars: dict[str, RoundingVars], w: dict[str, torch.Tensor]
 
 def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Tensor,
                     h_q: torch.Tensor, rope: Any, rope_train: Any, opts: TesseraQOptions,
-                    fp_out: dict[str, np.ndarray] | None
+                    fp_out: dict[str, np.ndarray] | None, lorc: tuple[int, str] = (0, "none")
                     ) -> tuple[dict[str, QTensor], dict[str, np.ndarray], dict[str, Any]]:
-    """Quantize block ``i``; updates ``h_fp`` and ``h_q`` in place to the block's outputs."""
+    """Quantize block ``i``; updates ``h_fp`` and ``h_q`` in place to the block's outputs.
+    ``lorc``: (rank, weighting) of LoRC factors to fit here (rank 0: none)."""
     from qexport.model.forward import DecoderLayer
     t0 = time.perf_counter()
     arch, fb = src.arch, opts.forward_batch
@@ -275,6 +286,10 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
     t2 = time.perf_counter()
     tensors, final = _export(i, tvars, w)
     layer_q = make(final)
+    if lorc[0] > 0:
+        fit_block_lorc(i, tensors, final, folded, layer_q, h_q, rope, lorc,
+                       chain=opts.lorc == "chain", bs=fb)
+        layer_q = make(final)
     loss_final = float(block_loss(y_fp[ev], block_output(layer_q, h_q[ev], rope, fb)))
     batched(lambda x: layer_q(x, rope), h_q, fb, out=h_q)
     h_fp.copy_(y_fp)
@@ -297,7 +312,8 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
                             on_block_done: Callable[[int, dict[str, QTensor]], None] | None = None,
                             max_blocks: int | None = None,
                             fp_weights_out: dict[str, np.ndarray] | None = None,
-                            keep_tensors: bool = True
+                            keep_tensors: bool = True, lorc_rank: int = 0,
+                            lorc_weight: str = "none"
                             ) -> tuple[dict[str, QTensor], dict[str, np.ndarray], dict[str, Any]]:
     """TesseraQ (AWQ init + PAR + DST) of every planned decoder linear of ``src``.
 
@@ -316,6 +332,10 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
         keep_tensors: False = do not collect the QTensors (the returned dict is empty): the
             caller takes each block's from ``on_block_done`` (memory then does not grow with
             depth).
+        lorc_rank, lorc_weight: LoRC factors of this rank (0: none) are fitted per block against
+            the folded FP weights (:func:`qexport.methods.lorc.lorc_factors`; "hessian":
+            weighted by the block's quantized-chain inputs); ``opts.lorc`` says whether the
+            next block sees them.
     Returns:
         ``(tensors, passthrough_updates, stats)``: validated QTensors by HF name; float32 arrays
         that replace source passthrough tensors (norm weights and v_proj biases with the AWQ
@@ -350,7 +370,7 @@ def tesseraq_quantize_model(src: Any, plan: dict[str, Any], samples: torch.Tenso
         for i in bar:
             c0 = time.process_time()
             qts, upd, st = _quantize_block(src, i, specs[i], h_fp, h_q, rope, rope_train, opts,
-                                           fp_weights_out)
+                                           fp_weights_out, (lorc_rank, lorc_weight))
             st["cpu_seconds"] = round(time.process_time() - c0, 2)
             if keep_tensors:
                 tensors.update(qts)
