@@ -11,6 +11,10 @@ configuration already measured is skipped unless ``--redo``) and written as a ma
     .venv/bin/python tools/bench_quality.py --suite table --only GGUF --skip tesseraq  # fast cells
     .venv/bin/python tools/bench_quality.py --report                  # docs/bench/methods.md only
 
+Two cells at once (the 2 cores): give the second run its own ``--out DIR`` (same FP entry),
+then ``tools/bench_quality.py --merge-from DIR`` moves its finished cells into the default
+cache and rewrites the report.
+
 ``--suite table`` is issue 4's method table: rows RTN, GPTQ, LeanQuant (affine), LeanQuant-nu,
 TesseraQ, each alone and + LoRC r=8; columns W4 g128 sym, W3 g128 asym, W2 g64 asym and the
 GGUF grids Q4_0, IQ4_NL and Q3_K with llama.cpp's 256-column fallbacks (``--pure``). One cell
@@ -213,13 +217,22 @@ def main() -> None:
                     help="leave out cells whose method|column contains this (repeatable)")
     ap.add_argument("--report", action="store_true",
                     help="only rewrite docs/bench/methods.md from the cache")
+    ap.add_argument("--merge-from", action="append", default=[], metavar="DIR",
+                    help="move the finished cells of another --out folder (a run beside this "
+                         "one) into --out, then rewrite the report (repeatable)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rf = out / "results.json"
     results = json.loads(rf.read_text()) if rf.is_file() else {}
-    if a.report:
-        write_methods(results)
+    for d in a.merge_from:
+        for key in merge_cells(Path(d), out, results, replace=a.redo):
+            print(f"merged {key}: {results[key]['ppl_all']:.3f}")
+        rf.write_text(json.dumps(results, indent=1))
+    if a.report or a.merge_from:
+        (out / "results.md").write_text(table(results))
+        if out.resolve() == DEFAULT_OUT.resolve():
+            write_methods(results)
         return
     if "fp" not in results or (a.redo and (not a.only or a.only == "fp")):
         results["fp"] = _eval(MODEL, out, "fp")
@@ -251,6 +264,31 @@ def main() -> None:
     if out.resolve() == DEFAULT_OUT.resolve():
         write_methods(results)
     print(md)
+
+
+def merge_cells(src: Path, out: Path, results: dict, replace: bool = False) -> list[str]:
+    """Move ``src``'s finished cells (results entries and ``<file key>.*`` files) into ``out``
+    and ``results``; cells already in ``results`` stay unless ``replace``. Returns their keys.
+    ``src``'s FP entry must equal ``results``' (same evaluation)."""
+    theirs = json.loads((src / "results.json").read_text())
+    if "fp" in results and theirs.get("fp", {}).get("ppl_all") != results["fp"]["ppl_all"]:
+        raise SystemExit(f"{src}: FP perplexity {theirs.get('fp', {}).get('ppl_all')} expected "
+                         f"equal to {out}'s {results['fp']['ppl_all']}: not the same evaluation")
+    moved = []
+    for key, r in theirs.items():
+        if key == "fp" or "error" in r or (key in results and not replace):
+            continue
+        label, column = key.split("|")
+        for f in src.glob(_file_key(label, column) + ".*"):
+            dst = out / f.name
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            shutil.move(str(f), str(dst))
+        results[key] = r
+        moved.append(key)
+    return moved
 
 
 def write_methods(results: dict) -> None:
