@@ -288,6 +288,8 @@ def merge_cells(src: Path, out: Path, results: dict, replace: bool = False) -> l
             shutil.move(str(f), str(dst))
         results[key] = r
         moved.append(key)
+    left = {k: v for k, v in theirs.items() if k not in moved}
+    (src / "results.json").write_text(json.dumps(left, indent=1))    # moved, not copied
     return moved
 
 
