@@ -95,7 +95,8 @@ _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 #: a "tesseraq + LoRC r8" IR is the "tesseraq" IR bit for bit (tests/test_cli_tesseraq.py::
 #: test_lorc_leaves_tesseraq_codes_alone) and ``qexport eval --no-lorc`` measures it. The cell
 #: then reports the LoRC run's quantize time (its SVDs included).
-BASE_OF = {"tesseraq + LoRC r8": "tesseraq"}
+BASE_OF = {"tesseraq + LoRC r8": "tesseraq",
+           "tesseraq + LoRC r8, --lorc-weight hessian": "tesseraq"}
 
 
 def _cell_applies(row: str, column: str) -> bool:
