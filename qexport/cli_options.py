@@ -97,10 +97,11 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tq-rounding-init", default=None, type=click.Choice(["nearest", "gptq"]),
                      help="tesseraq: where rounding starts on that grid: nearest (the "
                           "paper's) or GPTQ's codes on the same grid [default: nearest]."),
-        click.option("--tq-lorc", default=None, type=click.Choice(["after", "chain"]),
-                     help="tesseraq with --lorc-rank: after = the next block's input leaves "
-                          "the factors out (base = the plain run); chain = it includes them, "
-                          "as the runtime with the adapter computes [default: after]."),
+        click.option("--tq-lorc", default=None, type=click.Choice(["after", "chain", "tune"]),
+                     help="tesseraq with --lorc-rank: after = SVD factors, the next block's "
+                          "input leaves them out (base = the plain run); chain = it includes "
+                          "them; tune = factors trained on the block output, chained "
+                          "[default: after]."),
         click.option("--no-awq", is_flag=True, help="tesseraq: skip the AWQ scale search."),
         click.option("--no-clip", is_flag=True, help="tesseraq: skip the AWQ weight clipping."),
         click.option("--force", is_flag=True, help="Replace an existing output."),

@@ -179,7 +179,13 @@ def _check_tesseraq_options(opts: QuantizeOptions) -> None:
     if used:
         raise UnsupportedError(f"--method tesseraq does not use {used[0]} (a GPTQ / LeanQuant "
                                "option); leave it out")
-    _tesseraq_options(opts).check()
+    tq = _tesseraq_options(opts)
+    tq.check()
+    if tq.lorc != "after" and opts.lorc_rank <= 0:
+        raise UnsupportedError(f"--tq-lorc {tq.lorc} places LoRC factors: add --lorc-rank R")
+    if tq.lorc == "tune" and opts.lorc_weight != "none":
+        raise UnsupportedError(f"--tq-lorc tune trains the factors on the block output; "
+                               f"--lorc-weight {opts.lorc_weight} does not apply (leave it out)")
 
 
 def _tesseraq_options(opts: QuantizeOptions) -> Any:

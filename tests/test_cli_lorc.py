@@ -47,7 +47,10 @@ def test_gptq_hessian_weighted_factors(tiny_llama: Path, calib_file: Path, tmp_p
      ["--lorc-weight hessian", "rtn"]),
     (["--method", "gptq", "--lorc-weight", "hessian"], ["--lorc-weight", "--lorc-rank"]),
     (["--method", "gptq", "--lorc-rank", "4", "--tq-lorc", "chain"], ["--tq-lorc", "tesseraq"]),
-], ids=["rtn", "no-rank", "tq-lorc-with-gptq"])
+    (["--method", "tesseraq", "--tq-lorc", "chain"], ["--tq-lorc chain", "--lorc-rank"]),
+    (["--method", "tesseraq", "--lorc-rank", "4", "--tq-lorc", "tune", "--lorc-weight",
+      "hessian"], ["--tq-lorc tune", "--lorc-weight hessian"]),
+], ids=["rtn", "no-rank", "tq-lorc-with-gptq", "tq-lorc-no-rank", "tune-hessian"])
 def test_refused(tiny_llama: Path, calib_file: Path, tmp_path: Path, args, needles):
     before = snapshot(tmp_path)
     res = run_cli("quantize", tiny_llama, "--bits", "4", "--group-size", "32", *args,

@@ -266,3 +266,25 @@ def test_lorc_chain_and_hessian_weighting(small_llama, calib_file, tmp_path):
     base = float((x @ torch.from_numpy(qm["after"].tensors[name].dequantize(False)).double().T
                   - y_fp).norm())
     assert err["hess"] < 0.9 * err["after"] and err["after"] < base, (err, base)
+
+
+def test_lorc_tune_lowers_the_block_loss(small_llama, calib_file, tmp_path):
+    """``--tq-lorc tune``: block 0's codes are the plain run's, its factors (fp16, LoRA-style
+    start) lower its block-output loss below the plain block's, and the IR evaluates."""
+    common = ["--bits", "2", "--group-size", "32", "--asym", *TQ_FAST, "--calib", calib_file]
+    runs = {"plain": [], "tune": ["--lorc-rank", "8", "--tq-lorc", "tune"]}
+    for name, extra in runs.items():
+        res = run_cli("quantize", small_llama, *common, *extra, "-o", tmp_path / name)
+        assert res.exit_code == 0, (res.stderr, res.exception)
+    plain, tune = load_ir(tmp_path / "plain"), load_ir(tmp_path / "tune")
+    for n, qt in plain.tensors.items():
+        if n.startswith("model.layers.0."):
+            np.testing.assert_array_equal(qt.codes, tune.tensors[n].codes, err_msg=n)
+        if n.startswith("model.layers."):
+            tune.tensors[n].residual.validate(qt.shape, n)
+    b0 = [prov["tesseraq"]["blocks"][0] for prov in (plain.provenance, tune.provenance)]
+    assert b0[1]["loss_final"] < b0[0]["loss_final"], (b0[0]["loss_final"], b0[1]["loss_final"])
+    assert b0[1]["lorc_losses"][-1] < b0[1]["lorc_losses"][0]
+    res = run_cli("eval", tmp_path / "tune", "--text", calib_file, "--ctx", "16", "--windows",
+                  "2", "--json", "--quiet")
+    assert res.exit_code == 0, (res.stderr, res.exception)

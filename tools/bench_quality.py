@@ -73,6 +73,7 @@ VARIANTS = {
     "tesseraq + LoRC r8, --tq-lorc chain": ("tesseraq", ["--lorc-rank", "8", "--tq-lorc", "chain"]),
     "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian":
         ("tesseraq", ["--lorc-rank", "8", "--tq-lorc", "chain", "--lorc-weight", "hessian"]),
+    "tesseraq + LoRC r8, --tq-lorc tune": ("tesseraq", ["--lorc-rank", "8", "--tq-lorc", "tune"]),
     "leanquant + LoRC r8, --lorc-weight hessian":
         ("leanquant", ["--lorc-rank", "8", "--lorc-weight", "hessian"]),
     "leanquant, --p 1": ("leanquant", ["--p", "1"]),
@@ -84,7 +85,8 @@ TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq",
               "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8",
               "leanquant + LoRC r8, --lorc-weight hessian",
               "tesseraq + LoRC r8, --lorc-weight hessian", "tesseraq + LoRC r8, --tq-lorc chain",
-              "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian"]
+              "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian",
+              "tesseraq + LoRC r8, --tq-lorc tune"]
 #: rows shown only in the columns where they were measured (the suite does not run them)
 OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *TABLE_ROWS[11:])
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")

@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--score-ir", metavar="IR",
                     help="only print the --holdout losses of the first --blocks blocks of this "
                          "IR folder (e.g. a LeanQuant one), with FP embeddings")
+    ap.add_argument("--lorc-rank", type=int, default=0,
+                    help="LoRC factors of this rank (placed per --set lorc=...); the losses and "
+                         "held-out losses then include them")
+    ap.add_argument("--lorc-weight", default="none", choices=["none", "hessian"])
     ap.add_argument("--json", help="write the stats here")
     a = ap.parse_args()
     src = load_model(a.model)
@@ -96,12 +100,16 @@ def main() -> None:
     plan = {n: TensorPlan(spec) for n in src.linear_names()}
     t0 = time.perf_counter()
     tensors, updates, stats = tesseraq_quantize_model(src, plan, samples, opts,
-                                                      max_blocks=a.blocks)
+                                                      max_blocks=a.blocks,
+                                                      lorc_rank=a.lorc_rank,
+                                                      lorc_weight=a.lorc_weight)
     wall = time.perf_counter() - t0
     for b in stats["blocks"]:
         print(f"block {b['layer']:2d}: wall {b['seconds']:6.1f}s (awq {b['seconds_awq']:.1f}, "
               f"train {b['seconds_train']:.1f}) cpu {b['cpu_seconds']:6.1f}s | loss rtn "
-              f"{b['loss_rtn']:.4g} awq+rtn {b['loss_awq_rtn']:.4g} tesseraq {b['loss_final']:.4g}")
+              f"{b['loss_rtn']:.4g} awq+rtn {b['loss_awq_rtn']:.4g} tesseraq {b['loss_final']:.4g}"
+              + (f" (LoRC tuning: {b['lorc_losses'][0]:.4g} -> {b['lorc_losses'][-1]:.4g})"
+                 if "lorc_losses" in b else ""))
     per = sum(b["seconds"] for b in stats["blocks"]) / len(stats["blocks"])
     print(f"total {wall:.1f}s; mean {per:.1f}s/block -> {per * src.arch.n_layers / 60:.1f} min for "
           f"{src.arch.n_layers} blocks (torch threads {opts.threads})")

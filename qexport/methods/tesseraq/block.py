@@ -13,7 +13,8 @@ import torch
 
 from qexport.model.arch import layer_prefix
 
-__all__ = ["relative_weights", "full_name", "swapped", "batched", "block_loss", "block_output"]
+__all__ = ["relative_weights", "full_name", "swapped", "batched", "block_loss", "block_output",
+           "torch_threads"]
 
 
 def relative_weights(weights: Mapping[str, np.ndarray], layer_idx: int) -> dict[str, torch.Tensor]:
@@ -25,6 +26,18 @@ def relative_weights(weights: Mapping[str, np.ndarray], layer_idx: int) -> dict[
 
 def full_name(layer_idx: int, rel: str) -> str:
     return f"{layer_prefix(layer_idx)}{rel}"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``n`` torch threads (None / 0: unchanged), then restore."""
+    outer = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(outer)
 
 
 @contextlib.contextmanager

@@ -28,17 +28,18 @@ from qexport.methods.result import check_spec_shape
 from qexport.model.arch import LINEAR_MODULES
 
 from .awq import AwqConfig, awq_block, fake_quant, input_hessians, input_importance
-from .block import batched, block_loss, block_output, full_name, relative_weights, swapped
+from .block import (batched, block_loss, block_output, full_name, relative_weights, swapped,
+                    torch_threads)
 from .levels import check_supported, fit_grid
 from .par import RoundingVars
-from .residual import fit_block_lorc
+from .residual import fit_block_lorc, tune_block_lorc
 
 __all__ = ["TesseraQOptions", "THRESHOLDS", "GRID_INITS", "ROUNDING_INITS", "LORC_MODES",
            "tesseraq_quantize_model"]
 
 GRID_INITS = ("minmax", "search")
 ROUNDING_INITS = ("nearest", "gptq")
-LORC_MODES = ("after", "chain")
+LORC_MODES = ("after", "chain", "tune")
 
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "20": (0.8, 0.65, 0.5, 0.43, 0.38, 0.34, 0.3, 0.27, 0.24, 0.21, 0.18, 0.15, 0.12, 0.10,
@@ -69,7 +70,9 @@ class TesseraQOptions:
     lorc (with a LoRC rank): "after" fits each block's factors once its codes are final and
     leaves the next block's input without them (so the base is the plain run's, bit for bit);
     "chain" feeds the next block the compensated outputs, so its rounding is learnt on what
-    the runtime computes with the adapter (as gptq / leanquant do).
+    the runtime computes with the adapter (as gptq / leanquant do); "tune" trains the factors
+    on the block output (LoRA-style start, ``lorc_steps`` Adam steps at ``lorc_lr``, the base
+    fixed; :func:`.residual.tune_block_lorc`) and chains them.
     eval_samples: sequences for the reported block losses. threads: torch threads for the run
     (batched forwards, AWQ); train_threads: for the PAR loop, whose steps are small (128
     tokens): one thread measured 4x less CPU than two on a busy 2-core machine.
@@ -101,6 +104,8 @@ class TesseraQOptions:
     grid_init: str = "search"
     rounding_init: str = "nearest"
     lorc: str = "after"
+    lorc_steps: int = 240
+    lorc_lr: float = 1e-3
     forward_batch: int = 8
     seed: int = 42
     threads: int | None = 2
@@ -131,6 +136,9 @@ class TesseraQOptions:
         if self.rounding_init not in ROUNDING_INITS:
             raise InputError(f"tesseraq rounding_init expected one of {list(ROUNDING_INITS)} "
                              f"(not {self.rounding_init!r})")
+        if self.lorc_steps < 1 or self.lorc_lr <= 0:
+            raise InputError(f"tesseraq lorc_steps >= 1 and lorc_lr > 0 expected (not "
+                             f"{self.lorc_steps}, {self.lorc_lr})")
         if self.lorc not in LORC_MODES:
             raise InputError(f"tesseraq lorc expected one of {list(LORC_MODES)} "
                              f"(not {self.lorc!r})")
@@ -276,17 +284,18 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
     nearest = {f"{m}.weight": v.hard_weight() for m, v in tvars.items()}
     loss_init = _eval_loss(layer, nearest, h_q[ev], y_fp[ev], rope, fb)
     gen = torch.Generator().manual_seed(opts.seed + i)
-    outer = torch.get_num_threads()
-    if opts.train_threads:
-        torch.set_num_threads(opts.train_threads)
-    try:
+    with torch_threads(opts.train_threads):
         rounds = _train(layer, tvars, h_q, y_fp, opts, gen, rope_train, f"layer {i}")
-    finally:
-        torch.set_num_threads(outer)
     t2 = time.perf_counter()
     tensors, final = _export(i, tvars, w)
-    layer_q = make(final)
-    if lorc[0] > 0:
+    layer_q, lorc_losses = make(final), []
+    if lorc[0] > 0 and opts.lorc == "tune":
+        with torch_threads(opts.train_threads):
+            lorc_losses = tune_block_lorc(i, tensors, final, layer, h_q, y_fp, rope_train,
+                                          lorc[0], steps=opts.lorc_steps, lr=opts.lorc_lr,
+                                          batch_size=opts.batch_size, gen=gen)
+        layer_q = make(final)
+    elif lorc[0] > 0:
         fit_block_lorc(i, tensors, final, folded, layer_q, h_q, rope, lorc,
                        chain=opts.lorc == "chain", bs=fb)
         layer_q = make(final)
@@ -303,6 +312,7 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
     stats = {"layer": i, "quantized": len(tensors), "loss_rtn": loss_rtn,
              "loss_awq_rtn": loss_init, "loss_final": loss_final, "round_losses": rounds,
              "awq": awq_rep, "seconds_awq": round(t1 - t0, 2),
+             **({"lorc_losses": lorc_losses} if lorc_losses else {}),
              "seconds_train": round(t2 - t1, 2), "seconds": round(time.perf_counter() - t0, 2)}
     return tensors, updates, stats
 

@@ -40,3 +40,55 @@ def fit_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.T
                                    H=H)
         if chain:
             final[rel] = torch.from_numpy(qt.dequantize())
+
+
+def tune_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.Tensor],
+                    layer: Any, h_q: torch.Tensor, y_fp: torch.Tensor, rope: Any, rank: int, *,
+                    steps: int, lr: float, batch_size: int, gen: torch.Generator,
+                    dtype: str = "fp16") -> list[float]:
+    """Rank-``rank`` factors of every exported tensor of block ``i`` trained on the block
+    output (``--tq-lorc tune``), the base (codes and tuned scales) fixed.
+
+    The rank-r SVD of each ``W - Q`` moves every linear towards its FP weight on its own, which
+    breaks the errors PAR made cancel inside the block (at W2 it raised block 0's loss from 62 to
+    161). Here the factors start as a LoRA does (``A = 0``, ``B`` Gaussian / sqrt(in), so the
+    start is the plain block) and Adam fits them to the FP block output on the calibration
+    windows (``h_q`` / ``y_fp`` float32 ``[n, T, hidden]``; steps of ``batch_size`` sequences
+    cut to ``rope``'s length). ``final`` (relative names) becomes base + factors.
+
+    Returns: the mean loss over each tenth of the steps.
+    """
+    from qexport.errors import NumericsError
+    from qexport.grids import round_to_dtype
+    from qexport.ir import LowRank
+
+    from .block import block_loss
+    rels = [rel for rel in final if full_name(i, rel) in tensors]
+    base = {rel: final[rel].detach() for rel in rels}
+    fac = {}
+    for rel in rels:
+        out_f, in_f = base[rel].shape
+        B = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
+        fac[rel] = (torch.zeros(out_f, rank, requires_grad=True), B.requires_grad_(True))
+    opt = torch.optim.Adam([p for ab in fac.values() for p in ab], lr=lr)
+    n, T = h_q.shape[0], rope[0].shape[0]
+    losses: list[float] = []
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        W = {rel: base[rel] + fac[rel][0] @ fac[rel][1] for rel in rels}
+        loss = block_loss(y_fp[idx, :T], torch.func.functional_call(layer, W, (h_q[idx, :T],
+                                                                               rope)))
+        if not torch.isfinite(loss):
+            raise NumericsError(f"layer {i}: LoRC tuning loss became {float(loss)} "
+                                "(expected finite)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for rel in rels:
+        qt = tensors[full_name(i, rel)]
+        A, B = (round_to_dtype(p.detach().numpy(), dtype) for p in fac[rel])
+        qt.residual = LowRank(A, B, dtype)
+        final[rel] = torch.from_numpy(qt.dequantize())
+    k = max(1, steps // 10)
+    return [sum(losses[j:j + k]) / len(losses[j:j + k]) for j in range(0, steps, k)]
