@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GridError
-from .grid import AffineGrid, CodebookGrid, Grid, SuperBlockGrid, _table_value, expand_groups
+from .grid import AffineGrid, CodebookGrid, Grid, SuperBlockGrid, _table_value
 from .spec import GridKind, GridSpec, ZeroDomain, round_to_dtype
 
 __all__ = ["fit_minmax", "quantize_nearest", "span_groups", "FP16_TINY"]

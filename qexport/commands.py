@@ -12,8 +12,8 @@ import click
 from qexport.errors import InputError, UnsupportedError
 from qexport.ir import QModel
 from qexport.pipeline import CALIBRATED, QuantizeOptions, quantize_model
-from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, plan_uniform, resolve_spec,
-                           target_spec)
+from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, plan_uniform,
+                           resolve_spec, target_spec)
 
 __all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes",
            "tesseraq_overrides", "TQ_CLI"]

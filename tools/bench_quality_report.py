@@ -11,7 +11,8 @@ from typing import Any
 
 __all__ = ["methods_markdown"]
 
-_LABEL = {"rtn": "RTN", "gptq": "GPTQ", "leanquant": "LeanQuant-aff", "leanquant-nu": "LeanQuant-nu",
+_LABEL = {"rtn": "RTN", "gptq": "GPTQ", "leanquant": "LeanQuant-aff",
+          "leanquant-nu": "LeanQuant-nu",
           "tesseraq": "TesseraQ", "tesseraq, --tq-grid-init minmax": "TesseraQ, min-max grid"}
 
 
