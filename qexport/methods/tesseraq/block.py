@@ -14,7 +14,7 @@ import torch
 from qexport.model.arch import layer_prefix
 
 __all__ = ["relative_weights", "full_name", "swapped", "batched", "block_loss", "block_output",
-           "torch_threads"]
+           "torch_threads", "train_step"]
 
 
 def relative_weights(weights: Mapping[str, np.ndarray], layer_idx: int) -> dict[str, torch.Tensor]:
@@ -79,3 +79,28 @@ def block_output(layer: torch.nn.Module, h: torch.Tensor, rope: tuple[torch.Tens
                  bs: int) -> torch.Tensor:
     """``layer(h)`` for ``h [N, T, d]`` in batches (no grad), a new tensor."""
     return batched(lambda x: layer(x, rope), h, bs)
+
+
+def train_step(layer: torch.nn.Module, weights: Callable[[], Mapping[str, torch.Tensor]],
+               h_in: torch.Tensor, y_ref: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               opt: torch.optim.Optimizer, gen: torch.Generator, batch_size: int,
+               what: str) -> float:
+    """One Adam step of :func:`block_loss` on ``batch_size`` random sequences of ``h_in`` /
+    ``y_ref`` (float32 ``[n, T, d]``) cut to ``rope``'s length; ``weights()`` gives the
+    block's linear weights (relative names) from the trained parameters. Returns the loss.
+
+    Raises:
+        NumericsError: the loss is not finite (``what`` names the loop and the block).
+    """
+    from qexport.errors import NumericsError
+    n, T = h_in.shape[0], rope[0].shape[0]
+    idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+    loss = block_loss(y_ref[idx, :T],
+                      torch.func.functional_call(layer, dict(weights()), (h_in[idx, :T], rope)))
+    if not torch.isfinite(loss):
+        raise NumericsError(f"{what}: loss became {float(loss)} (expected finite; check the "
+                            "calibration activations)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from qexport.errors import InputError, NumericsError
+from qexport.errors import InputError
 from qexport.grids import GridKind, GridSpec
 from qexport.ir import QTensor
 from qexport.methods.gptq import gptq_on_grid
@@ -29,7 +29,7 @@ from qexport.model.arch import LINEAR_MODULES
 
 from .awq import AwqConfig, awq_block, fake_quant, input_hessians, input_importance
 from .block import (batched, block_loss, block_output, full_name, relative_weights, swapped,
-                    torch_threads)
+                    torch_threads, train_step)
 from .levels import check_supported, fit_grid
 from .par import RoundingVars
 from .residual import fit_block_lorc, tune_block_lorc
@@ -184,8 +184,8 @@ def _train(layer: torch.nn.Module, tvars: dict[str, RoundingVars], h_in: torch.T
            y_ref: torch.Tensor, opts: TesseraQOptions, gen: torch.Generator,
            rope: tuple[torch.Tensor, torch.Tensor], where: str) -> list[float]:
     """PAR rounds over the block; returns the mean training loss of each round."""
-    n, T = h_in.shape[0], rope[0].shape[0]
     vs = [v.v for v in tvars.values() if v.dst]
+    weights = lambda: {f"{m}.weight": v.weight() for m, v in tvars.items()}  # noqa: E731
     round_losses = []
     for k, tau in enumerate(opts.schedule()):
         for v in tvars.values():
@@ -195,19 +195,8 @@ def _train(layer: torch.nn.Module, tvars: dict[str, RoundingVars], h_in: torch.T
         if vs:
             groups.append({"params": vs, "lr": opts.scale_lr, "weight_decay": opts.scale_wd})
         opt = torch.optim.Adam(groups, fused=True)
-        total = 0.0
-        for _ in range(opts.iterations):
-            idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
-            x, y = h_in[idx, :T], y_ref[idx, :T]
-            W = {f"{m}.weight": v.weight() for m, v in tvars.items()}
-            loss = block_loss(y, torch.func.functional_call(layer, W, (x, rope)))
-            if not torch.isfinite(loss):
-                raise NumericsError(f"{where}: tesseraq loss became {float(loss)} in round {k} "
-                                    "(expected finite; check the calibration activations)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
+        total = sum(train_step(layer, weights, h_in, y_ref, rope, opt, gen, opts.batch_size,
+                               f"{where}: tesseraq round {k}") for _ in range(opts.iterations))
         for v in tvars.values():
             v.end_round()
         round_losses.append(total / max(opts.iterations, 1))

@@ -58,11 +58,10 @@ def tune_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.
 
     Returns: the mean loss over each tenth of the steps.
     """
-    from qexport.errors import NumericsError
     from qexport.grids import round_to_dtype
     from qexport.ir import LowRank
 
-    from .block import block_loss
+    from .block import train_step
     rels = [rel for rel in final if full_name(i, rel) in tensors]
     base = {rel: final[rel].detach() for rel in rels}
     fac = {}
@@ -71,20 +70,9 @@ def tune_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.
         B = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
         fac[rel] = (torch.zeros(out_f, rank, requires_grad=True), B.requires_grad_(True))
     opt = torch.optim.Adam([p for ab in fac.values() for p in ab], lr=lr)
-    n, T = h_q.shape[0], rope[0].shape[0]
-    losses: list[float] = []
-    for _ in range(steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        W = {rel: base[rel] + fac[rel][0] @ fac[rel][1] for rel in rels}
-        loss = block_loss(y_fp[idx, :T], torch.func.functional_call(layer, W, (h_q[idx, :T],
-                                                                               rope)))
-        if not torch.isfinite(loss):
-            raise NumericsError(f"layer {i}: LoRC tuning loss became {float(loss)} "
-                                "(expected finite)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    weights = lambda: {rel: base[rel] + fac[rel][0] @ fac[rel][1] for rel in rels}  # noqa: E731
+    losses = [train_step(layer, weights, h_q, y_fp, rope, opt, gen, batch_size,
+                         f"layer {i}: LoRC tuning") for _ in range(steps)]
     for rel in rels:
         qt = tensors[full_name(i, rel)]
         A, B = (round_to_dtype(p.detach().numpy(), dtype) for p in fac[rel])
