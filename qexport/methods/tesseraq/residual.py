@@ -5,13 +5,14 @@ from typing import Any
 
 import torch
 
-from qexport.ir import QTensor
+from qexport.grids import round_to_dtype
+from qexport.ir import LowRank, QTensor
 from qexport.methods.lorc import lorc_factors
 
 from .awq import input_hessians
-from .block import full_name
+from .block import full_name, train_step
 
-__all__ = ["fit_block_lorc"]
+__all__ = ["fit_block_lorc", "tune_block_lorc"]
 
 
 def fit_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.Tensor],
@@ -58,10 +59,6 @@ def tune_block_lorc(i: int, tensors: dict[str, QTensor], final: dict[str, torch.
 
     Returns: the mean loss over each tenth of the steps.
     """
-    from qexport.grids import round_to_dtype
-    from qexport.ir import LowRank
-
-    from .block import train_step
     rels = [rel for rel in final if full_name(i, rel) in tensors]
     base = {rel: final[rel].detach() for rel in rels}
     fac = {}
