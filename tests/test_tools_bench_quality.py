@@ -1,6 +1,6 @@
-"""tools/bench_quality.py ``--merge-from``: a parallel run's finished cells (results entries and
-their files) move into the main cache; failed or already-measured cells stay; a different FP
-evaluation is refused."""
+"""tools/bench_quality.py: the committed record under the cache, and ``--merge-from`` (a
+parallel run's finished cells, results entries and files, move into the main cache; failed or
+already-measured cells stay; a different FP evaluation is refused)."""
 from __future__ import annotations
 
 import json
@@ -48,3 +48,26 @@ def test_merge_refuses_another_fp(tmp_path: Path):
     (tmp_path / "results.json").write_text(json.dumps({"fp": {"ppl_all": 30.1}}))
     with pytest.raises(SystemExit, match="29.5"):
         bq.merge_cells(tmp_path, tmp_path / "o", {"fp": FP})
+
+
+def test_record_seeds_the_cache_and_is_rewritten(tmp_path: Path, monkeypatch):
+    """A fresh cache starts from the committed record (its cells count as measured, the cache
+    wins where both hold one); writing the report rewrites the record without failed cells."""
+    rec = tmp_path / "methods.json"
+    monkeypatch.setattr(bq, "RECORD", rec)
+    monkeypatch.setattr(bq, "REPO", tmp_path)
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    rec.write_text(json.dumps({"fp": FP, "rtn|W4 g128 sym": {"ppl_all": 44.6, "bpw": 4.1,
+                                                             "quantize_seconds": 23}}))
+    rf = tmp_path / "cache" / "results.json"
+    assert bq.load_results(rf)["rtn|W4 g128 sym"]["ppl_all"] == 44.6     # no cache yet
+    rf.parent.mkdir()
+    rf.write_text(json.dumps({"rtn|W4 g128 sym": {"ppl_all": 44.0, "bpw": 4.1,
+                                                  "quantize_seconds": 20},
+                              "gptq|W4 g128 sym": {"error": "exit 1"}}))
+    results = bq.load_results(rf)
+    assert results["rtn|W4 g128 sym"]["ppl_all"] == 44.0 and results["fp"] == FP
+    bq.write_methods(results)
+    ok = {k: v for k, v in results.items() if k != "gptq|W4 g128 sym"}
+    assert json.loads(rec.read_text()) == ok
+    assert "44.00" in (tmp_path / "docs" / "bench" / "methods.md").read_text()

@@ -6,7 +6,9 @@
 Model: ``sample:smollm2`` (SmolLM2-135M-Instruct; its weights are dequantized Q4_1 and the F32
 reference is that dequantized model). Steps (each cached in
 ``.cache/bench_gguf/{full,quick}/results.json`` and skipped on rerun once done;
-``--redo KEY-SUBSTRING`` forgets matching entries):
+``--redo KEY-SUBSTRING`` forgets matching entries). The full run's finished steps are also kept
+in the committed record ``docs/bench/gguf.json`` (written with the report); a fresh checkout
+starts from it, so only the steps missing from both the record and the cache are run.
 
 1. F32 GGUF written by qexport (IR without quantized tensors, ``backends.gguf.writer.lower_gguf``).
 2. ``llama-imatrix`` on the calibration text (``-c 512``, as many chunks as qexport's samples);
@@ -43,6 +45,10 @@ WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TOOLS = REPO / ".cache" / "llama-tools"
 MODEL = "sample:smollm2"
 TYPES = ["Q4_0", "IQ4_NL", "Q4_K_M", "Q3_K_M", "Q2_K"]
+#: the committed record of the full run's finished steps (results.json's entries) and, under
+#: :data:`QUICK_CMP`, the ``--quick`` run's byte comparisons
+RECORD = REPO / "docs" / "bench" / "gguf.json"
+QUICK_CMP = "quick_cmp"
 
 
 @dataclass
@@ -57,14 +63,18 @@ class Settings:
 
 
 class Bench:
-    """Cached steps; ``self.results`` is saved after every finished step."""
+    """Cached steps; ``self.results`` is saved after every finished step. The full run starts
+    from :data:`RECORD` under its cache (the cache wins): a recorded step is skipped."""
 
     def __init__(self, s: Settings) -> None:
         self.s = s
         s.out.mkdir(parents=True, exist_ok=True)
         self.file = s.out / "results.json"
-        self.results: dict[str, Any] = json.loads(self.file.read_text()) \
-            if self.file.is_file() else {}
+        self.record: dict[str, Any] = json.loads(RECORD.read_text()) \
+            if not s.quick and RECORD.is_file() else {}
+        cache = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        self.results: dict[str, Any] = {**{k: v for k, v in self.record.items()
+                                           if k != QUICK_CMP}, **cache}
         self._src = None
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -257,39 +267,6 @@ def run_all(b: Bench, types: list[str], methods: tuple[str, ...] = DEFAULT_METHO
         b.ppl_or_alias(f"rtn|{t}", f"lq|{t}", f"cmp|rtn|lq|{t}")
 
 
-NOTES = """\
-## How to read this
-
-- Model: SmolLM2-135M-Instruct (`sample:smollm2`), 30 layers, hidden 576, intermediate 1536,
-  tied embeddings. Its weights are the dequantized Q4_1 values of the shipped GGUF, so "F32" is
-  that dequantized model written by qexport (`lower_gguf` of an IR without quantized tensors).
-- Hidden 576 is not a multiple of 256: llama.cpp's row-length fallback turns every k-quant on
-  q/k/v/o/gate/up into a 32-block type (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0); only ffn_down (1536 columns) keeps its k-quant. The tied token_embd/output is
-  Q8_0 in every file. So "Q2_K" here is mostly Q4_0 and the k-quant rows mostly measure the
-  legacy 32-block types (the ggml type counts of each file are in `results.json`).
-- bits/weight: stored bits of every 2-D tensor (weights, scales, mins; token_embd included)
-  over its element count. File size is the whole `.gguf`.
-- Perplexity: `llama-perplexity -f wiki.test.raw -c 512 -b 512 -t 2` (second half of each
-  window, llama.cpp's convention); ± is llama-perplexity's own estimate.
-- llama-quantize + imatrix: imatrix from `llama-imatrix -f c4.utf8 -c 512 -b 512 --chunks N`
-  on the F32 file (N = the number of qexport calibration windows). qexport gptq: 
-  N x 512-token seeded windows (seed 0) of the same c4.utf8, qexport's gptq defaults (damp
-  0.01, block 128, act-order with static groups, attention-weighted v_proj Hessian), min-max
-  grids (`qexport.methods.gptq`); like `qexport convert --method gptq` it uses llama.cpp's
-  *with-imatrix* recipe (for Q4_0: ffn_down of layers 0-2 in Q4_1; for IQ4_NL: no Q5_K
-  ffn_down), so its tensor types and size equal llama-quantize + imatrix.
-- qexport rtn (CLI `qexport convert --method rtn`) re-implements llama.cpp's quantizers;
-  "qexport rtn + qexport imatrix" uses `qexport.imatrix.compute_imatrix` (mean x^2 per input
-  column from the same calibration windows as gptq). The reproduction table checks them byte
-  for byte against llama-quantize. Whole-file `cmp` differs only by layout (llama-quantize
-  writes `general.file_type`/`general.quantization_version` last and orders tensors by its
-  weight-name comparer, output_norm first) plus its `quantize.imatrix.*` keys.
-- ratio column: (qexport ΔPPL) / (llama-quantize + imatrix ΔPPL), ΔPPL against F32. The issue's
-  target is ratio <= 0.5 for qexport (its best method) at every type.
-"""
-
-
 def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
     rows = {x["key"]: x for x in rep.results_table(r, types)}
     out = ["## Target: qexport ΔPPL <= 0.5 x llama-quantize+imatrix ΔPPL", ""]
@@ -306,37 +283,38 @@ def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
     return out + [""]
 
 
+def quick_cmp(b: Bench) -> dict[str, Any] | None:
+    """The --quick run's ``cmp|...`` entries: from its cache, else from the record."""
+    qf = b.s.out.parent / "quick" / "results.json"
+    if not qf.is_file():
+        return b.record.get(QUICK_CMP)
+    return {k: v for k, v in json.loads(qf.read_text()).items()
+            if k.startswith("cmp|") and "error" not in v}
+
+
 def quick_repro_lines(b: Bench, types: list[str]) -> list[str]:
     """The --quick run's reproduction table (rtn without imatrix does not depend on the run's
     settings; the imatrix rows use its 16-chunk imatrices), when this is the full run."""
-    qf = b.s.out.parent / "quick" / "results.json"
-    if b.s.quick or not qf.is_file():
+    q = None if b.s.quick else quick_cmp(b)
+    if not q:
         return []
     return ["From the `--quick` run (same code; its imatrices from 16 chunks / 16 windows):", "",
-            rep.repro_table(json.loads(qf.read_text()), types)]
+            rep.repro_table(q, types)]
 
 
-def imatrix_lines(r: dict[str, Any]) -> list[str]:
-    a = r.get("imatrix|agreement")
-    if not a or "error" in a:
-        return []
-    return ["## qexport imatrix vs llama-imatrix", "",
-            f"Over {a['tensors']} linears: cosine similarity median {a['cos_median']:.5f}, "
-            f"min {a['cos_min']:.5f}; median over tensors of the 95th percentile of "
-            f"|log(ratio)| of mean-normalized entries {a['abs_log_ratio_p95_median']:.3f} "
-            "(qexport: seeded random windows; llama-imatrix: consecutive chunks).", ""]
-
-
-def types_lines(r: dict[str, Any], types: list[str]) -> list[str]:
-    out = ["## ggml tensor types per file", "", "| type | llama-quantize | + imatrix "
-           "(= qexport gptq / rtn + imatrix) |", "|---|---|---|"]
-    for t in types:
-        cells = []
-        for m in ("lq", "lqi"):
-            bb = r.get(f"build|{m}|{t}") or {}
-            cells.append(", ".join(f"{k} x{v}" for k, v in bb.get("types", {}).items()) or "–")
-        out.append(f"| {t} | {cells[0]} | {cells[1]} |")
-    return out + [""]
+def write_record(b: Bench) -> None:
+    """:data:`RECORD`: every entry of the results without an error (``path`` relative to the
+    repository where it lies in it) and the --quick run's comparisons."""
+    root = str(REPO) + os.sep
+    rec = {k: {**v, "path": v["path"][len(root):]}
+           if isinstance(v, dict) and str(v.get("path", "")).startswith(root) else v
+           for k, v in b.results.items() if not (isinstance(v, dict) and "error" in v)}
+    q = quick_cmp(b)
+    if q is not None:
+        rec[QUICK_CMP] = q
+    tmp = RECORD.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(RECORD)
 
 
 def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
@@ -346,22 +324,25 @@ def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
              f"--chunks {s.ppl_chunks}")
     md.parent.mkdir(parents=True, exist_ok=True)
     rep.plot_results(r, types, png, title)
-    walls = {k: v.get("seconds") for k, v in sorted(r.items()) if isinstance(v, dict)}
+    walls = {k: v.get("seconds") for k, v in sorted(r.items())   # steps (not alias strings)
+             if isinstance(v, dict) and k != QUICK_CMP}
     errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
     quick = " (QUICK smoke run)" if s.quick else ""
     text = [f"# GGUF: qexport vs llama-quantize on {MODEL}{quick}",
             "", "Generated by `tools/bench_gguf.py`" + (" --quick" if s.quick else "") +
             f"; settings: `{json.dumps({k: str(v) for k, v in asdict(s).items() if k != 'out'})}`.",
             "", rep.table_markdown(r, types), f"![PPL vs file size]({png.name})", "",
-            *target_lines(r, types), NOTES,
+            *target_lines(r, types), rep.NOTES,
             "## Byte reproduction of llama-quantize", "", rep.repro_table(r, types),
             *quick_repro_lines(b, types),
-            *imatrix_lines(r), *types_lines(r, types),
+            *rep.imatrix_lines(r), *rep.types_lines(r, types),
             "## Wall times (s, under `nice -n 19` on the shared 2-core machine)", "",
             "```", json.dumps(walls, indent=0), "```"]
     if errors:
         text += ["", "## Errors", "", "```", json.dumps(errors, indent=1), "```"]
     md.write_text("\n".join(text) + "\n")
+    if not s.quick:
+        write_record(b)
 
 
 def main() -> None:
@@ -370,7 +351,7 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--out", default=None, help="cache folder (default .cache/bench_gguf[/quick])")
     ap.add_argument("--redo", action="append", default=[],
-                    help="forget cached keys containing this (repeatable)")
+                    help="forget cached and recorded keys containing this (repeatable)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"qexport methods to run, in order (default {','.join(DEFAULT_METHODS)}; "
                          f"all: {','.join(QEXPORT_METHODS)})")
@@ -386,8 +367,10 @@ def main() -> None:
     for pat in a.redo:
         for k in [k for k in b.results if pat in k]:
             del b.results[k]
-    if a.redo:
+    if a.redo:                  # forgotten by the record too (else the next start restores it)
         b.save()
+        if not a.quick:
+            write_record(b)
     types = a.types.split(",")
     import torch
     torch.set_num_threads(s.threads)

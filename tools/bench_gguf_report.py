@@ -1,13 +1,15 @@
 """Helpers of tools/bench_gguf.py: GGUF file statistics, byte comparison of two GGUF files,
 llama-perplexity output parsing, and the markdown table / plot of the results.
 
-Result records (``results.json`` values) used here:
+Result records (``results.json`` values; the committed ``docs/bench/gguf.json`` holds the same
+entries, plus ``quick_cmp``: the ``--quick`` run's ``cmp|...`` entries) used here:
 
 | key                 | fields                                                            |
 |---------------------|-------------------------------------------------------------------|
 | ``ppl|<file key>``  | ``ppl``, ``ppl_err``, ``chunks``, ``seconds``                     |
 | ``build|<file key>``| ``path``, ``bytes``, ``bpw``, ``types`` (ggml type -> count)     |
 | ``cmp|<a>|<b>``     | see :func:`compare_gguf`                                          |
+| ``alias|<file key>``| the file key whose PPL it reuses (a string; same tensor bytes)    |
 
 File keys: ``f32``, ``<method>|<TYPE>`` with method in :data:`METHOD_LABELS`.
 """
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement",
-           "parse_ppl", "results_table", "table_markdown", "repro_table", "plot_results"]
+           "parse_ppl", "results_table", "table_markdown", "repro_table", "plot_results", "NOTES",
+           "imatrix_lines", "types_lines"]
 
 #: qexport's methods in the benchmark: name -> (``qexport --method``, QuantizeOptions overrides,
 #: table label, optional). Optional variants run only when named in ``--methods`` and are
@@ -51,6 +54,40 @@ TABLE_METHODS = ("lq", "lqi", "rtn", "rtn-imat", *QEXPORT_METHODS)
 PLOT_METHODS = tuple(m for m in TABLE_METHODS if m != "rtn")
 OPTIONAL_METHODS = tuple(m for m, v in QEXPORT_METHODS.items() if v[3])
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+#: the report's "How to read this" section
+NOTES = """\
+## How to read this
+
+- Model: SmolLM2-135M-Instruct (`sample:smollm2`), 30 layers, hidden 576, intermediate 1536,
+  tied embeddings. Its weights are the dequantized Q4_1 values of the shipped GGUF, so "F32" is
+  that dequantized model written by qexport (`lower_gguf` of an IR without quantized tensors).
+- Hidden 576 is not a multiple of 256: llama.cpp's row-length fallback turns every k-quant on
+  q/k/v/o/gate/up into a 32-block type (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0); only ffn_down (1536 columns) keeps its k-quant. The tied token_embd/output is
+  Q8_0 in every file. So "Q2_K" here is mostly Q4_0 and the k-quant rows mostly measure the
+  legacy 32-block types (the ggml type counts of each file are in `gguf.json`).
+- bits/weight: stored bits of every 2-D tensor (weights, scales, mins; token_embd included)
+  over its element count. File size is the whole `.gguf`.
+- Perplexity: `llama-perplexity -f wiki.test.raw -c 512 -b 512 -t 2` (second half of each
+  window, llama.cpp's convention); ± is llama-perplexity's own estimate.
+- llama-quantize + imatrix: imatrix from `llama-imatrix -f c4.utf8 -c 512 -b 512 --chunks N`
+  on the F32 file (N = the number of qexport calibration windows). qexport gptq: 
+  N x 512-token seeded windows (seed 0) of the same c4.utf8, qexport's gptq defaults (damp
+  0.01, block 128, act-order with static groups, attention-weighted v_proj Hessian), min-max
+  grids (`qexport.methods.gptq`); like `qexport convert --method gptq` it uses llama.cpp's
+  *with-imatrix* recipe (for Q4_0: ffn_down of layers 0-2 in Q4_1; for IQ4_NL: no Q5_K
+  ffn_down), so its tensor types and size equal llama-quantize + imatrix.
+- qexport rtn (CLI `qexport convert --method rtn`) re-implements llama.cpp's quantizers;
+  "qexport rtn + qexport imatrix" uses `qexport.imatrix.compute_imatrix` (mean x^2 per input
+  column from the same calibration windows as gptq). The reproduction table checks them byte
+  for byte against llama-quantize. Whole-file `cmp` differs only by layout (llama-quantize
+  writes `general.file_type`/`general.quantization_version` last and orders tensors by its
+  weight-name comparer, output_norm first) plus its `quantize.imatrix.*` keys.
+- ratio column: (qexport ΔPPL) / (llama-quantize + imatrix ΔPPL), ΔPPL against F32. The issue's
+  target is ratio <= 0.5 for qexport (its best method) at every type.
+"""
 
 
 def _reader(path: str | Path) -> Any:
@@ -159,6 +196,7 @@ def results_table(results: dict[str, Any], types: list[str]) -> list[dict[str, A
         for m in TABLE_METHODS:
             key = f"{m}|{t}"
             b = results.get(f"build|{key}")
+            b = None if b and "error" in b else b           # a failed build: as not run
             if b is None and m in OPTIONAL_METHODS:
                 continue
             p = _ppl_of(results, key)
@@ -187,7 +225,7 @@ def table_markdown(results: dict[str, Any], types: list[str]) -> str:
     out = ["| type | method | file MiB | bits/weight | PPL | ΔPPL vs F32 | "
            "ΔPPL / ΔPPL(llama-quantize+imatrix) | note |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
-    if fb:
+    if fb and "error" not in fb:
         out.append(f"| F32 | reference (dequantized Q4_1 weights) | {_mib(fb['bytes'])} | "
                    f"{fb['bpw']:.3f} | {_fmt(f32 and f32[0], '.4f')} ± "
                    f"{_fmt(f32 and f32[1], '.4f')} | – | – | |")
@@ -252,3 +290,28 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     plt.close(fig)
+
+
+def imatrix_lines(r: dict[str, Any]) -> list[str]:
+    """Markdown: the ``imatrix|agreement`` paragraph (none when not measured)."""
+    a = r.get("imatrix|agreement")
+    if not a or "error" in a:
+        return []
+    return ["## qexport imatrix vs llama-imatrix", "",
+            f"Over {a['tensors']} linears: cosine similarity median {a['cos_median']:.5f}, "
+            f"min {a['cos_min']:.5f}; median over tensors of the 95th percentile of "
+            f"|log(ratio)| of mean-normalized entries {a['abs_log_ratio_p95_median']:.3f} "
+            "(qexport: seeded random windows; llama-imatrix: consecutive chunks).", ""]
+
+
+def types_lines(r: dict[str, Any], types: list[str]) -> list[str]:
+    """Markdown: ggml type counts of the llama-quantize files without / with imatrix."""
+    out = ["## ggml tensor types per file", "", "| type | llama-quantize | + imatrix "
+           "(= qexport gptq / rtn + imatrix) |", "|---|---|---|"]
+    for t in types:
+        cells = []
+        for m in ("lq", "lqi"):
+            bb = r.get(f"build|{m}|{t}") or {}
+            cells.append(", ".join(f"{k} x{v}" for k, v in bb.get("types", {}).items()) or "–")
+        out.append(f"| {t} | {cells[0]} | {cells[1]} |")
+    return out + [""]

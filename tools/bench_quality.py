@@ -11,9 +11,12 @@ configuration already measured is skipped unless ``--redo``) and written as a ma
     .venv/bin/python tools/bench_quality.py --suite table --only GGUF --skip tesseraq  # fast cells
     .venv/bin/python tools/bench_quality.py --report                  # docs/bench/methods.md only
 
-Two cells at once (the 2 cores): give the second run its own ``--out DIR`` (same FP entry),
-then ``tools/bench_quality.py --merge-from DIR`` moves its finished cells into the default
-cache and rewrites the report.
+Every finished cell is also recorded in ``docs/bench/methods.json`` (committed), and each run
+starts from that record: a cell measured on an earlier machine is not measured again.
+
+Two cells at once (the 2 cores): give the second run its own ``--out DIR``, then
+``tools/bench_quality.py --merge-from DIR`` moves its finished cells into the default cache and
+rewrites the report.
 
 ``--suite table`` is issue 4's method table: rows RTN, GPTQ, LeanQuant (affine), LeanQuant-nu,
 TesseraQ, each alone and + LoRC r=8; columns W4 g128 sym, W3 g128 asym, W2 g64 asym and the
@@ -44,6 +47,9 @@ CALIB = SHARED / "data" / "exllamav2-cal" / "c4.utf8"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODEL = "sample:smollm2"
 DEFAULT_OUT = REPO / ".cache" / "bench_quality"
+#: the committed record of every measured cell: a fresh checkout (or another --out) starts from
+#: it, so cells measured on an earlier machine are neither lost nor re-measured
+RECORD = REPO / "docs" / "bench" / "methods.json"
 
 COLUMNS = {
     "W4 g128 sym": ["--bits", "4", "--group-size", "128", "--sym"],
@@ -203,9 +209,10 @@ def table(results: dict) -> str:
     for k, r in results.items():
         if k == "fp" or "error" in r:
             continue
+        half = r.get("ppl_second_half")
         rows.append(f"| {r['method']} | {r['column']} | {r['bpw']:.3f} | {r['ppl_all']:.3f} | "
-                    f"{r['ppl_second_half']:.3f} | {r['quantize_seconds']:.0f} | "
-                    f"{r['peak_rss_mib']} |")
+                    f"{'–' if half is None else f'{half:.3f}'} | {r['quantize_seconds']:.0f} | "
+                    f"{r.get('peak_rss_mib', '–')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -227,7 +234,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rf = out / "results.json"
-    results = json.loads(rf.read_text()) if rf.is_file() else {}
+    results = load_results(rf)
     for d in a.merge_from:
         for key in merge_cells(Path(d), out, results, replace=a.redo):
             print(f"merged {key}: {results[key]['ppl_all']:.3f}")
@@ -269,6 +276,13 @@ def main() -> None:
     print(md)
 
 
+def load_results(rf: Path) -> dict:
+    """The cache ``rf`` over the committed :data:`RECORD` (the cache wins where both hold a
+    cell); a cell of the record is skipped like a cached one."""
+    rec = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+    return {**rec, **(json.loads(rf.read_text()) if rf.is_file() else {})}
+
+
 def merge_cells(src: Path, out: Path, results: dict, replace: bool = False) -> list[str]:
     """Move ``src``'s finished cells (results entries and ``<file key>.*`` files) into ``out``
     and ``results``; cells already in ``results`` stay unless ``replace``. Returns their keys.
@@ -302,6 +316,11 @@ def write_methods(results: dict) -> None:
     doc = REPO / "docs" / "bench" / "methods.md"
     doc.write_text(methods_markdown(results, TABLE_ROWS, list(COLUMNS), _cell_applies,
                                     OPTIONAL_ROWS))
+    rec = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+    rec.update({k: v for k, v in results.items() if "error" not in v})   # cells only added
+    tmp = RECORD.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(RECORD)
 
 
 if __name__ == "__main__":
