@@ -288,6 +288,7 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
         fit_block_lorc(i, tensors, final, folded, layer_q, h_q, rope, lorc,
                        chain=opts.lorc == "chain", bs=fb)
         layer_q = make(final)
+    t3 = time.perf_counter()                # export + LoRC factors (fitted or tuned)
     loss_final = float(block_loss(y_fp[ev], block_output(layer_q, h_q[ev], rope, fb)))
     batched(lambda x: layer_q(x, rope), h_q, fb, out=h_q)
     h_fp.copy_(y_fp)
@@ -302,7 +303,8 @@ def _quantize_block(src: Any, i: int, specs: dict[str, GridSpec], h_fp: torch.Te
              "loss_awq_rtn": loss_init, "loss_final": loss_final, "round_losses": rounds,
              "awq": awq_rep, "seconds_awq": round(t1 - t0, 2),
              **({"lorc_losses": lorc_losses} if lorc_losses else {}),
-             "seconds_train": round(t2 - t1, 2), "seconds": round(time.perf_counter() - t0, 2)}
+             "seconds_train": round(t2 - t1, 2), "seconds_export_lorc": round(t3 - t2, 2),
+             "seconds": round(time.perf_counter() - t0, 2)}
     return tensors, updates, stats
 
 
