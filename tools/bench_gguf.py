@@ -312,9 +312,9 @@ def write_record(b: Bench) -> None:
     q = quick_cmp(b)
     if q is not None:
         rec[QUICK_CMP] = q
-    tmp = RECORD.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    tmp.replace(RECORD)
+    from qexport.atomic import atomic_output
+    with atomic_output(RECORD, is_dir=False, force=True) as tmp:
+        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
@@ -325,7 +325,7 @@ def write_report(b: Bench, types: list[str], md: Path, png: Path) -> None:
     md.parent.mkdir(parents=True, exist_ok=True)
     rep.plot_results(r, types, png, title)
     walls = {k: v.get("seconds") for k, v in sorted(r.items())   # steps (not alias strings)
-             if isinstance(v, dict) and k != QUICK_CMP}
+             if isinstance(v, dict)}
     errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
     quick = " (QUICK smoke run)" if s.quick else ""
     text = [f"# GGUF: qexport vs llama-quantize on {MODEL}{quick}",

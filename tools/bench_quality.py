@@ -318,9 +318,9 @@ def write_methods(results: dict) -> None:
                                     OPTIONAL_ROWS))
     rec = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     rec.update({k: v for k, v in results.items() if "error" not in v})   # cells only added
-    tmp = RECORD.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(RECORD)
+    from qexport.atomic import atomic_output
+    with atomic_output(RECORD, is_dir=False, force=True) as tmp:
+        tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
