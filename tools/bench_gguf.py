@@ -79,9 +79,9 @@ class Bench:
 
     # -- bookkeeping --------------------------------------------------------------------------
     def save(self) -> None:
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
-        tmp.replace(self.file)
+        from qexport.atomic import atomic_output
+        with atomic_output(self.file, is_dir=False, force=True) as tmp:
+            tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
 
     def step(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if key in self.results and "error" not in self.results[key]:

@@ -141,12 +141,13 @@ def _check_fields(rep: VerifyReport, qt: QTensor, d: Decoded) -> None:
 
 
 def _check_library(rep: VerifyReport, qt: QTensor, t: dict[str, torch.Tensor], prefix: str,
-                   group: dict[str, Any], dtype: torch.dtype) -> None:
+                   group: dict[str, Any], dtype: torch.dtype, ir: torch.Tensor) -> None:
+    """compressed-tensors' decompression of ``prefix`` equals ``ir`` (the IR's float32
+    ``[out, in]`` values) in the checkpoint dtype and, with float32 scales, in float32."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
     scheme = QuantizationScheme.model_validate(group)
     state = {k.split(".")[-1]: v for k, v in t.items() if k.rsplit(".", 1)[0] == prefix}
-    ir = torch.from_numpy(qt.dequantize(with_residual=False))
     got = PackedQuantizationCompressor.decompress(dict(state), scheme)["weight"]
     ok, detail = _eq(got.float().numpy(), ir.to(dtype).float().numpy())
     rep.add(qt.name, f"library.{str(dtype).replace('torch.', '')}", ok and got.dtype == dtype,
@@ -199,13 +200,13 @@ def _gptqmodel_decode(rep: VerifyReport, folder: Path) -> dict[str, np.ndarray] 
 
 
 def _check_gptqmodel(rep: VerifyReport, qt: QTensor, res: dict[str, np.ndarray], prefix: str,
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, ir32: torch.Tensor) -> None:
     if not res:
         return                                  # the load failure is already reported
     got = res.get(f"f::{prefix}")
     deq = [str(d) for d in res["f__deq_dtype"]]
     gdt = getattr(torch, deq[0]) if len(deq) == 1 else dtype
-    ir = torch.from_numpy(qt.dequantize(with_residual=False)).to(gdt).float().numpy()
+    ir = ir32.to(gdt).float().numpy()
     ok, detail = _eq(got, ir)
     rep.add(qt.name, f"gptqmodel.{str(gdt).replace('torch.', '')}", ok,
             detail if got is not None else "not a GPTQModel quantized module")
@@ -283,12 +284,14 @@ def verify_vllm(folder: str | Path, model: QModel, *, library: bool = True,
             continue
         used.update(k for k in t if k.rsplit(".", 1)[0] == prefix)
         _check_fields(rep, qt, d)
+        ir = torch.from_numpy(qt.dequantize(with_residual=False)) \
+            if gq is not None or lib is not None else None     # decoded once for both checks
         if gq is not None:
-            _check_gptqmodel(rep, qt, gq, prefix, dtype)
+            _check_gptqmodel(rep, qt, gq, prefix, dtype, ir)
         if lib is not None:
             why = _library_usable(lib, bits, layout)
             if why is None:
-                _check_library(rep, qt, t, prefix, group, dtype)
+                _check_library(rep, qt, t, prefix, group, dtype, ir)
             else:
                 skipped.add(why)
     rep.notes.extend(sorted(skipped))
