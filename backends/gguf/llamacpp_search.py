@@ -106,28 +106,45 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x
     Lf = L.astype(F)
     sumlx, suml2 = seq_sum(wx * Lf), seq_sum((w * Lf) * Lf)
-    active = ~zero
+    sumlx, suml2 = _refine_levels(x, w, L, sumlx, suml2, ~zero, lo=-nmax, hi=nmax - 1,
+                                  positive_only=False)
+    scale = np.where(suml2 > 0, sumlx / suml2, F(0)).astype(F)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, L + nmax)
+
+
+def _refine_levels(x: np.ndarray, w: np.ndarray, L: np.ndarray, sumlx: np.ndarray,
+                   suml2: np.ndarray, active: np.ndarray, *, lo: int | None, hi: int,
+                   positive_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The <= 5 coordinate-descent passes shared by make_q3_quants and make_qp_quants.
+
+    Level ``L[:, i]`` (int ``[B, n]``, updated in place) moves to ``nearest_int(x*sl2/slx)``,
+    clipped to ``[lo, hi]`` (no lower bound when ``lo`` is None), when that raises
+    ``sumlx^2 / suml2``. The two C loops test ``sl2 > 0`` at different points: make_qp_quants
+    (``positive_only``) on the old level's ``sl2`` before trying, make_q3_quants on the new one
+    after; and make_qp_quants keeps ``L`` as uint8 (``& 0xFF``). Returns (sumlx, suml2) ``[B]``.
+    """
+    wx = w * x
     for _ in range(5):
         changed = np.zeros(len(x), dtype=bool)
         for i in range(x.shape[1]):
             wi, xi, wxi, li = w[:, i], x[:, i], wx[:, i], L[:, i].astype(F)
             slx = sumlx - wxi * li
             sl2 = suml2 - (wi * li) * li
-            new_l = _clip(nearest_int((xi * sl2) / slx), -nmax, nmax - 1)
+            new_l = nearest_int((xi * sl2) / slx)
+            new_l = np.minimum(hi, new_l) if lo is None else _clip(new_l, lo, hi)
             nl = new_l.astype(F)
             slx2 = slx + wxi * nl
             sl22 = sl2 + (wi * nl) * nl
-            acc = (active & (slx > 0) & (new_l != L[:, i]) & (sl22 > 0)
-                   & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
-            L[:, i] = np.where(acc, new_l, L[:, i])
+            acc = (active & (slx > 0) & ((sl2 if positive_only else sl22) > 0)
+                   & (new_l != L[:, i]) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+            L[:, i] = np.where(acc, new_l & 0xFF if positive_only else new_l, L[:, i])
             sumlx = np.where(acc, slx2, sumlx).astype(F)
             suml2 = np.where(acc, sl22, suml2).astype(F)
             changed |= acc
-        active &= changed
+        active = active & changed
         if not active.any():
             break
-    scale = np.where(suml2 > 0, sumlx / suml2, F(0)).astype(F)
-    return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, L + nmax)
+    return sumlx, suml2
 
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
@@ -209,28 +226,9 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     l = np.minimum(nmax, nearest_int(iscale[:, None] * x))
     L = l & 0xFF
     lf = l.astype(F)
-    wx = qw * x
-    sumlx, suml2 = seq_sum(wx * lf), seq_sum((qw * lf) * lf)
-    active = ~zero
-    for _ in range(5):
-        changed = np.zeros(len(x), dtype=bool)
-        for i in range(x.shape[1]):
-            wi, xi, li = qw[:, i], x[:, i], L[:, i].astype(F)
-            slx = sumlx - wx[:, i] * li
-            sl2 = suml2 - (wi * li) * li
-            new_l = np.minimum(nmax, nearest_int((xi * sl2) / slx))
-            nl = new_l.astype(F)
-            slx2 = slx + wx[:, i] * nl
-            sl22 = sl2 + (wi * nl) * nl
-            acc = (active & (slx > 0) & (sl2 > 0) & (new_l != L[:, i])
-                   & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
-            L[:, i] = np.where(acc, new_l & 0xFF, L[:, i])
-            sumlx = np.where(acc, slx2, sumlx).astype(F)
-            suml2 = np.where(acc, sl22, suml2).astype(F)
-            changed |= acc
-        active &= changed
-        if not active.any():
-            break
+    sumlx, suml2 = seq_sum((qw * x) * lf), seq_sum((qw * lf) * lf)
+    sumlx, suml2 = _refine_levels(x, qw, L, sumlx, suml2, ~zero, lo=None, hi=nmax,
+                                  positive_only=True)
     scale = np.where(suml2 > 0, sumlx / suml2, F(0)).astype(F)
     return np.where(zero, F(0), scale).astype(F), np.where(zero[:, None], 0, L)
 
