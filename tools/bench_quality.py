@@ -123,6 +123,9 @@ SUITES = {
     # LeanQuant's loss-weight exponent (default 2) at W4 / W3
     # LoRC's variants (qexport's options) where the paper's LoRC does not help TesseraQ
     "lorc-variants": [(v, c) for c in ("W2 g64 asym", "W3 g128 asym") for v in TABLE_ROWS[11:]],
+    # qexport's --tq-lorc tune in the columns lorc-variants leaves out
+    "tq-tune": [("tesseraq + LoRC r8, --tq-lorc tune", c) for c in COLUMNS
+                if c not in ("W2 g64 asym", "W3 g128 asym")],
     "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
 }
