@@ -110,6 +110,8 @@ BASE_OF = {"tesseraq + LoRC r8": "tesseraq",
 def _cell_applies(row: str, column: str) -> bool:
     return not (row.startswith("leanquant-nu") and column in _NOT_GGUF)
 
+#: the columns where LoRC r=8 must lower perplexity (issue 4): lorc-variants measures there
+_LORC_COLUMNS = ("W2 g64 asym", "W3 g128 asym")
 _FOUNDATION = ("rtn", "gptq", "gptq, reference (--v-hessian plain --no-act-order)")
 SUITES = {
     "foundation": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym") for v in _FOUNDATION],
@@ -122,10 +124,10 @@ SUITES = {
                       for v in ("tesseraq", "tesseraq, --tq-grid-init minmax")],
     # LeanQuant's loss-weight exponent (default 2) at W4 / W3
     # LoRC's variants (qexport's options) where the paper's LoRC does not help TesseraQ
-    "lorc-variants": [(v, c) for c in ("W2 g64 asym", "W3 g128 asym") for v in TABLE_ROWS[11:]],
+    "lorc-variants": [(v, c) for c in _LORC_COLUMNS for v in TABLE_ROWS[11:]],
     # qexport's --tq-lorc tune in the columns lorc-variants leaves out
     "tq-tune": [("tesseraq + LoRC r8, --tq-lorc tune", c) for c in COLUMNS
-                if c not in ("W2 g64 asym", "W3 g128 asym")],
+                if c not in _LORC_COLUMNS],
     "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
 }
