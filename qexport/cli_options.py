@@ -51,6 +51,10 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "groups so the stored codes keep the original order [default: on "
                           "for gptq, off for leanquant]."),
         click.option("--static-groups", is_flag=True, help="GPTQ: fit all group grids up front."),
+        click.option("--refit", default=0, show_default=True, type=click.IntRange(0, 16),
+                     help="gptq/leanquant: re-fit the grids' float scales (and mins, d, dmin) "
+                          "to the Hessian least-squares optimum for the chosen codes, N rounds "
+                          "(GPTQ re-chooses the codes between rounds); 0 = off."),
         click.option("--v-hessian", default="attention", show_default=True,
                      type=click.Choice(["attention", "plain"]),
                      help="gptq/leanquant: v_proj's Hessian. attention: tokens weighted by the "

@@ -41,6 +41,7 @@ class QuantizeOptions:
     p: float | None = None                 # LeanQuant exponent (aff default 2, nu default 4)
     act_order: bool | None = None          # None: the method's DEFAULT_ACT_ORDER
     static_groups: bool = False
+    refit: int = 0                         # methods.refit rounds after gptq / leanquant (0: off)
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
     offload_activations: bool = False      # calibration residual stream in a $TMPDIR file
     lorc_rank: int = 0
@@ -58,6 +59,7 @@ class QuantizeOptions:
             raise UnsupportedError(f"--method {self.method} needs calibration text (--calib FILE)")
         self._check_imatrix()
         self._check_lorc()
+        self._check_refit()
         if self.offload_activations and self.method not in ("gptq", "leanquant", "leanquant-nu"):
             raise UnsupportedError(f"--offload-activations applies to the layer-wise calibrated "
                                    f"methods gptq, leanquant, leanquant-nu (not {self.method})")
@@ -79,6 +81,16 @@ class QuantizeOptions:
         if self.lorc_weight != "none" and self.lorc_rank <= 0:
             raise UnsupportedError(f"--lorc-weight {self.lorc_weight} weights LoRC factors: "
                                    "add --lorc-rank R (R >= 1)")
+
+    def _check_refit(self) -> None:
+        if not isinstance(self.refit, int) or isinstance(self.refit, bool) or self.refit < 0:
+            raise UnsupportedError(f"--refit expected a whole number of rounds >= 0 "
+                                   f"(not {self.refit!r})")
+        if self.refit and self.method not in ("gptq", "leanquant"):
+            raise UnsupportedError(f"--refit re-fits the grids of gptq / leanquant from their "
+                                   f"Hessians (not {self.method}"
+                                   + ("; tesseraq tunes its scales itself)"
+                                      if self.method == "tesseraq" else ")"))
 
     def _check_imatrix(self) -> None:
         """``imatrix``: None, a path (normalised to str) or "auto"; only with rtn."""
@@ -141,7 +153,27 @@ def _act_order(opts: QuantizeOptions) -> bool:
 
 
 def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
-    """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``."""
+    """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``, followed by
+    ``opts.refit`` rounds of :func:`qexport.methods.refit.refit_rounds`."""
+    quantize = _method_quantizer(opts)
+    if not opts.refit:
+        return quantize
+    from qexport.methods.refit import refit_rounds
+    from qexport.methods.result import QuantResult
+    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
+
+    def quantize_refit(W: Any, H: Any, spec: Any, name: str) -> Any:
+        res = quantize(W, H, spec, name)
+        Hn = H.detach().cpu().numpy() if hasattr(H, "detach") else np.asarray(H)
+        codes, grid, st = refit_rounds(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid,
+                                       spec, opts.refit, name=name, percdamp=damp,
+                                       blocksize=opts.blocksize, actorder=_act_order(opts))
+        return QuantResult(codes=codes, grid=grid, spec=spec, stats={**res.stats, **st})
+    return quantize_refit
+
+
+def _method_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
+    """``(W, H, spec, name) -> QuantResult`` of the method alone."""
     damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
     common = {"blocksize": opts.blocksize, "percdamp": damp}
     if opts.method == "gptq":
@@ -162,7 +194,8 @@ def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
 
 #: QuantizeOptions fields that only GPTQ / LeanQuant read (refused with tesseraq, not ignored)
 _HESSIAN_ONLY = {"percdamp": (None, "--damp"), "p": (None, "--p"),
-                 "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups")}
+                 "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups"),
+                 "refit": (0, "--refit")}
 
 
 def _check_tesseraq_options(opts: QuantizeOptions) -> None:

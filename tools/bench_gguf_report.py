@@ -35,6 +35,11 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
     "gptq": ("gptq", {}, "qexport gptq", False),
     "leanquant": ("leanquant", {}, "qexport leanquant (act-order)", False),
     "leanquant-p1": ("leanquant", {"p": 1.0}, "qexport leanquant --p 1 (act-order)", True),
+    "leanquant-d01": ("leanquant", {"percdamp": 0.01}, "qexport leanquant --damp 0.01 (act-order)",
+                      True),
+    "leanquant-r2": ("leanquant", {"refit": 2}, "qexport leanquant --refit 2 (act-order)", True),
+    "leanquant-d01-r2": ("leanquant", {"percdamp": 0.01, "refit": 2},
+                         "qexport leanquant --damp 0.01 --refit 2 (act-order)", True),
     "tesseraq": ("tesseraq", {}, "qexport tesseraq", False),
     "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}},
                         "qexport tesseraq --tq-grid-init minmax", True),
@@ -268,7 +273,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vPXh", strict=True))
+    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH", strict=False))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))

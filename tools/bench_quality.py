@@ -84,17 +84,24 @@ VARIANTS = {
         ("leanquant", ["--lorc-rank", "8", "--lorc-weight", "hessian"]),
     "leanquant, --p 1": ("leanquant", ["--p", "1"]),
     "leanquant, --p 0": ("leanquant", ["--p", "0"]),
+    "gptq, --refit 2": ("gptq", ["--refit", "2"]),
+    "leanquant, --refit 2": ("leanquant", ["--refit", "2"]),
 }
 #: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
+#: qexport's LoRC variants (not ZeroQuant-V2's), measured where the paper's LoRC falls short
+_LORC_VARIANTS = ["leanquant + LoRC r8, --lorc-weight hessian",
+                  "tesseraq + LoRC r8, --lorc-weight hessian",
+                  "tesseraq + LoRC r8, --tq-lorc chain",
+                  "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian",
+                  "tesseraq + LoRC r8, --tq-lorc tune"]
+#: qexport's scale re-fit (qexport/methods/refit.py) on the layer-wise methods
+_REFIT_ROWS = ["gptq, --refit 2", "leanquant, --refit 2"]
 TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq",
               "tesseraq, --tq-grid-init minmax", "rtn + LoRC r8", "gptq + LoRC r8",
               "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8",
-              "leanquant + LoRC r8, --lorc-weight hessian",
-              "tesseraq + LoRC r8, --lorc-weight hessian", "tesseraq + LoRC r8, --tq-lorc chain",
-              "tesseraq + LoRC r8, --tq-lorc chain --lorc-weight hessian",
-              "tesseraq + LoRC r8, --tq-lorc tune"]
+              *_LORC_VARIANTS, *_REFIT_ROWS]
 #: rows shown only in the columns where they were measured (the suite does not run them)
-OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *TABLE_ROWS[11:])
+OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *_LORC_VARIANTS, *_REFIT_ROWS)
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 
 
@@ -124,12 +131,14 @@ SUITES = {
                       for v in ("tesseraq", "tesseraq, --tq-grid-init minmax")],
     # LeanQuant's loss-weight exponent (default 2) at W4 / W3
     # LoRC's variants (qexport's options) where the paper's LoRC does not help TesseraQ
-    "lorc-variants": [(v, c) for c in _LORC_COLUMNS for v in TABLE_ROWS[11:]],
+    "lorc-variants": [(v, c) for c in _LORC_COLUMNS for v in _LORC_VARIANTS],
     # qexport's --tq-lorc tune in the columns lorc-variants leaves out
     "tq-tune": [("tesseraq + LoRC r8, --tq-lorc tune", c) for c in COLUMNS
                 if c not in _LORC_COLUMNS],
     "leanquant-p": [(v, c) for c in ("W4 g128 sym", "W3 g128 asym")
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
+    # --refit 2 (qexport's closed-form scale re-fit) on GPTQ and LeanQuant, every column
+    "refit": [(v, c) for c in COLUMNS for v in _REFIT_ROWS],
 }
 
 

@@ -1,0 +1,100 @@
+"""Layer objectives of LeanQuant with ``--damp`` / ``--refit`` on the sample model, in-sample
+(Hessians from the calibration windows) and held out (Hessians from wikitext-2 test windows).
+
+    nice .venv/bin/python tools/bench_refit_layers.py --type Q4_0 --layers 2
+
+The first ``--layers`` decoder layers are quantized true-sequentially with LeanQuant (act-order,
+damp 0.1) on the GGUF type's grid while both Hessians of every linear are collected; then each
+configuration re-quantizes every collected linear from its calibration Hessian, and the table
+gives ``tr((W - Q) H (W - Q)^T)`` under the held-out Hessian relative to LeanQuant's defaults
+(the mean over linears in-sample and held out closes it). A probe, not the PPL benchmark: that
+is ``tools/bench_gguf.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QEXPORT_SHARED", REPO.parent / "shared"))
+CALIB = SHARED / "data" / "exllamav2-cal" / "c4.utf8"
+WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+#: (damp, refit rounds); the first is LeanQuant's default, the reference of every ratio
+CONFIGS = [(0.1, 0), (0.03, 0), (0.01, 0), (0.1, 2), (0.01, 2)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def collect(src, text: Path, spec, n_layers: int, n_samples: int) -> dict[str, tuple]:
+    """``{name: (W, H)}`` of the first ``n_layers`` layers, quantized sequentially."""
+    from qexport.calib import load_calibration, quantize_layerwise
+    from qexport.methods.leanquant import leanquant_aff_quantize
+    samples, _ = load_calibration(str(text), src.tokenizer, n_samples=n_samples, seq_len=512,
+                                  seed=0)
+    out: dict[str, tuple] = {}
+
+    def qfn(name, W, H):
+        if int(name.split(".")[2]) >= n_layers:
+            raise _Stop()
+        Wn = W.detach().numpy().astype(np.float32)
+        out[name] = (Wn, H.detach().numpy().astype(np.float32).copy())
+        res = leanquant_aff_quantize(Wn, H, spec, name=name, p=2.0, percdamp=0.1, actorder=True)
+        return torch.from_numpy(res.dequantize())
+    try:
+        quantize_layerwise(src, samples, qfn, progress=False, v_hessian="attention")
+    except _Stop:
+        pass
+    return out
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO))
+    from backends.gguf.types import spec_for
+    from qexport.grids import dequantize
+    from qexport.methods.leanquant import leanquant_aff_quantize
+    from qexport.methods.refit import refit_rounds
+    from qexport.methods.result import hessian_objective
+    from qexport.model.load import load_model
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--type", default="Q4_0")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--n-samples", type=int, default=128)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    spec = spec_for(a.type)
+    src = load_model("sample:smollm2")
+    cal = collect(src, CALIB, spec, a.layers, a.n_samples)
+    held = collect(src, WIKI, spec, a.layers, a.n_samples)
+    print(f"| linear ({a.type}) | " + " | ".join(f"damp {d} refit {r}" for d, r in CONFIGS) + " |")
+    print("|---|" + "---:|" * len(CONFIGS))
+    rows_in, rows_out = [], []
+    for name, (W, H) in cal.items():
+        Hw = held[name][1]
+        ins, outs = [], []
+        for damp, rounds in CONFIGS:
+            res = leanquant_aff_quantize(W, H, spec, name=name, p=2.0, percdamp=damp,
+                                         actorder=True)
+            codes, grid = res.codes, res.grid
+            if rounds:
+                codes, grid, _ = refit_rounds(W, H, codes, grid, spec, rounds, name=name,
+                                              percdamp=damp)
+            Q = dequantize(codes, grid, spec)
+            ins.append(hessian_objective(W, Q, H))
+            outs.append(hessian_objective(W, Q, Hw))
+        rows_in.append(np.array(ins) / ins[0])
+        rows_out.append(np.array(outs) / outs[0])
+        short = name.replace("model.layers.", "").replace(".weight", "")
+        print(f"| {short} | " + " | ".join(f"{x:.3f}" for x in rows_out[-1]) + " |")
+    for label, rows in (("mean, held out", rows_out), ("mean, in-sample", rows_in)):
+        print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in np.mean(rows, 0)) + " |")
+
+
+if __name__ == "__main__":
+    main()
