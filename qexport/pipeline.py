@@ -155,12 +155,12 @@ def _act_order(opts: QuantizeOptions) -> bool:
 def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
     """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``, followed by
     ``opts.refit`` rounds of :func:`qexport.methods.refit.refit_rounds`."""
-    quantize = _method_quantizer(opts)
+    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
+    quantize = _method_quantizer(opts, damp)
     if not opts.refit:
         return quantize
     from qexport.methods.refit import refit_rounds
     from qexport.methods.result import QuantResult
-    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
 
     def quantize_refit(W: Any, H: Any, spec: Any, name: str) -> Any:
         res = quantize(W, H, spec, name)
@@ -172,9 +172,8 @@ def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
     return quantize_refit
 
 
-def _method_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
-    """``(W, H, spec, name) -> QuantResult`` of the method alone."""
-    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
+def _method_quantizer(opts: QuantizeOptions, damp: float) -> Callable[..., Any]:
+    """``(W, H, spec, name) -> QuantResult`` of the method alone (``damp``: its percdamp)."""
     common = {"blocksize": opts.blocksize, "percdamp": damp}
     if opts.method == "gptq":
         from qexport.methods.gptq import gptq_quantize

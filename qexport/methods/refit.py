@@ -134,8 +134,9 @@ def refit_scales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
         codes: uint8 ``[out, in]``; grid: satisfies ``spec`` for ``codes``.
     Returns:
         ``(grid, stats)``: a grid of the same kind and integer fields, its floats
-        representable in ``spec.scale_dtype``; stats ``refit_rows`` (fraction of rows changed)
-        and ``refit_gain`` (objective after / before).
+        representable in ``spec.scale_dtype``; stats ``refit_rows`` (fraction of rows changed),
+        ``refit_gain`` (objective after / before) and the float64 objectives ``before`` and
+        ``after``.
     """
     check_refit_spec(spec, name)
     names_coefs = _families(codes, grid, spec)
@@ -166,7 +167,8 @@ def refit_scales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
     total0 = float(before.sum())
     total1 = float(np.where(better, after, before).sum())
     return out, {"refit_rows": round(float(better.mean()), 4),
-                 "refit_gain": round(total1 / total0, 6) if total0 > 0 else 1.0}
+                 "refit_gain": round(total1 / total0, 6) if total0 > 0 else 1.0,
+                 "before": total0, "after": total1}
 
 
 def refit_rounds(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, spec: GridSpec,
@@ -181,16 +183,20 @@ def refit_rounds(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
         ``refit_best_round`` (0: the input was best).
     """
     from qexport.methods.gptq import gptq_on_grid
-    obj = float(_row_objective(W, dequantize(codes, grid, spec), H).sum())
-    best = (obj, codes, grid, 0)
-    stats: dict[str, Any] = {"refit": rounds, "refit_objective0": obj}
+    if rounds < 1:
+        raise UnsupportedError(f"{name}: refit rounds expected >= 1 (not {rounds})")
+    best: tuple[float, np.ndarray, Grid, int] | None = None
+    stats: dict[str, Any] = {"refit": rounds}
     for r in range(1, rounds + 1):
         if r > 1:
             codes, _, _ = gptq_on_grid(W, H, spec, grid, name=name, blocksize=blocksize,
                                        percdamp=percdamp, actorder=actorder)
-        grid, _ = refit_scales(W, H, codes, grid, spec, name=name)
-        obj = float(_row_objective(W, dequantize(codes, grid, spec), H).sum())
-        if obj < best[0]:
-            best = (obj, codes, grid, r)
+        new, st = refit_scales(W, H, codes, grid, spec, name=name)
+        if best is None:                     # the input, as refit_scales measured it
+            stats["refit_objective0"] = st["before"]
+            best = (st["before"], codes, grid, 0)
+        grid = new
+        if st["after"] < best[0]:
+            best = (st["after"], codes, grid, r)
     stats.update({"objective": best[0], "refit_best_round": best[3]})
     return best[1], best[2], stats
