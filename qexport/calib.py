@@ -142,8 +142,11 @@ class _Stats:
 
 def _quantize_group(layer: Any, names: list[str], acc: HessianAccumulator,
                     quantize_fn: QuantizeFn, stats: _Stats,
-                    special: dict[str, HessianAccumulator] | None = None) -> None:
-    """Quantize ``names`` with ``acc``'s Hessian (or ``special[name]``'s where given)."""
+                    special: dict[str, HessianAccumulator] | None = None,
+                    target: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None
+                    = None) -> None:
+    """Quantize ``names`` with ``acc``'s Hessian (or ``special[name]``'s where given);
+    ``target(name, W, H)``: the weight ``quantize_fn`` approximates instead of ``W``."""
     t0 = time.perf_counter()
     for name in names:
         H = (special or {}).get(name, acc).H
@@ -151,6 +154,8 @@ def _quantize_group(layer: Any, names: list[str], acc: HessianAccumulator,
             raise NumericsError(f"{name}: Hessian has NaN/inf values (the layer's input "
                                 "activations overflowed in float32)")
         W = layer.linear(name).weight.detach().clone()
+        if target is not None:
+            W = target(name, W, H)
         _install(layer, name, W, quantize_fn(name, W, H.clone()))
     stats.quantize += time.perf_counter() - t0
 
@@ -296,7 +301,8 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
                        cache_bytes: int = 1 << 30, start_layer: int = 0,
                        hidden: torch.Tensor | None = None,
                        on_layer_state: Callable[[int, torch.Tensor], None] | None = None,
-                       v_hessian: str = "plain", offload: bool = False) -> dict[str, Any]:
+                       v_hessian: str = "plain", offload: bool = False,
+                       asym_damp: float | None = None) -> dict[str, Any]:
     """Run GPTQ-style sequential calibration over ``model`` (a SourceModel).
 
     Args:
@@ -320,6 +326,10 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
         offload: keep the residual stream in a temporary file (``$TMPDIR``) instead of RAM and
             recompute group inputs instead of caching them (``cache_bytes`` 0): peak memory is
             one batch's activations, not ``N x T x hidden`` floats. Same results bit for bit.
+        asym_damp: None, or asymmetric calibration (:mod:`qexport.calib_asym`): a second,
+            full-precision stream runs beside the quantized one, and each linear's codes
+            approximate the weight that maps its quantized-model input to the full-precision
+            layer's output (``asym_damp``: the dampening of that least-squares solve).
 
     Returns:
         ``{"layers", "n_samples", "seq_len", "seconds", "seconds_forward", "seconds_hessian",
@@ -348,16 +358,25 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
             if offload:
                 cache_bytes = 0
             rope = Rotary(a)(samples.shape[1])
+            fp = None
+            if asym_damp is not None:
+                from qexport.calib_asym import FPStream
+                fp = FPStream(model, samples, start_layer, rope, batch_size, offload, asym_damp)
             for i in tqdm(range(start_layer, a.n_layers), desc="calibrate", unit="layer",
                           disable=not progress, initial=start_layer, total=a.n_layers):
                 layer = DecoderLayer(model.layer_weights(i), a, i)
-                _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats,
-                           v_hessian)
+                if fp is not None:
+                    fp.run_layer(layer, h, i, quantize_fn, stats, v_hessian)
+                else:
+                    _run_layer(layer, h, i, rope, quantize_fn, batch_size, cache_bytes, stats,
+                               v_hessian)
                 del layer
                 _trim_heap()
                 if on_layer_state is not None:
                     on_layer_state(i, h)
                 act.release()
+                if fp is not None:
+                    fp.act.release()
                 if on_layer_done is not None:
                     on_layer_done(i)
     finally:

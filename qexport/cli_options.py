@@ -42,6 +42,9 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--damp", default=None, type=float,
                      help="Hessian dampening, fraction of mean(diag H) "
                           "[default: gptq 0.01, leanquant 0.1]."),
+        click.option("--damp-mlp", default=None, type=float,
+                     help="gptq/leanquant: dampening of the MLP linears (gate/up/down) "
+                          "[default: --damp]; e.g. --damp 0.01 --damp-mlp 0.1."),
         click.option("--p", "p", default=None, type=float,
                      help="LeanQuant exponent of U_jj^-p [default: leanquant 2, leanquant-nu 4]."),
         click.option("--block-size", default=128, show_default=True, type=int,
@@ -60,6 +63,11 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="gptq/leanquant: v_proj's Hessian. attention: tokens weighted by the "
                           "squared attention they receive (attention sinks count; see README); "
                           "plain: reference GPTQ, every token alike."),
+        click.option("--asym-calib", is_flag=True,
+                     help="gptq/leanquant: asymmetric calibration (GPTAQ): each linear's codes "
+                          "target the full-precision layer's output on the quantized model's "
+                          "inputs, so earlier layers' errors are compensated (a second, FP "
+                          "activation stream; ~2x calibration memory)."),
         click.option("--offload-activations", is_flag=True,
                      help="gptq/leanquant: keep the calibration activations in a temporary "
                           "file in $TMPDIR instead of RAM (same result, less memory)."),

@@ -138,7 +138,7 @@ def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None,
     src = load_model(model_src)
     plan, recipe = build_plan(src, kw)
     fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
-    mapping = {"damp": "percdamp", "block_size": "blocksize"}
+    mapping = {"damp": "percdamp", "damp_mlp": "percdamp_mlp", "block_size": "blocksize"}
     opts = QuantizeOptions(**{mapping.get(k, k): v for k, v in kw.items()
                               if mapping.get(k, k) in fields})
     opts.progress = not kw.get("quiet", False)

@@ -23,8 +23,7 @@ __all__ = ["QuantizeOptions", "METHODS", "quantize_model"]
 
 METHODS = ("rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq")
 CALIBRATED = {"gptq", "leanquant", "leanquant-nu", "tesseraq"}
-#: Hessian dampening (fraction of mean diag H) when --damp is not given: the reference codes'
-DEFAULT_PERCDAMP = {"gptq": 0.01, "leanquant": 0.1, "leanquant-nu": 0.1}
+_LAYERWISE = ("gptq", "leanquant", "leanquant-nu")      # calib.quantize_layerwise's methods
 
 
 @dataclass
@@ -37,12 +36,14 @@ class QuantizeOptions:
     seq_len: int = 512
     seed: int = 0
     blocksize: int = 128
-    percdamp: float | None = None          # None: the method's default (DEFAULT_PERCDAMP)
+    percdamp: float | None = None          # None: layer_quantizer.DEFAULT_PERCDAMP
+    percdamp_mlp: float | None = None      # gate/up/down's percdamp (None: percdamp's)
     p: float | None = None                 # LeanQuant exponent (aff default 2, nu default 4)
-    act_order: bool | None = None          # None: the method's DEFAULT_ACT_ORDER
+    act_order: bool | None = None          # None: layer_quantizer.DEFAULT_ACT_ORDER
     static_groups: bool = False
     refit: int = 0                         # methods.refit rounds after gptq / leanquant (0: off)
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
+    asym_calib: bool = False               # target the FP layer's output (calib_asym.py)
     offload_activations: bool = False      # calibration residual stream in a $TMPDIR file
     lorc_rank: int = 0
     lorc_weight: str = "none"              # methods.lorc.LORC_WEIGHTS: "hessian" needs calib
@@ -60,9 +61,16 @@ class QuantizeOptions:
         self._check_imatrix()
         self._check_lorc()
         self._check_refit()
-        if self.offload_activations and self.method not in ("gptq", "leanquant", "leanquant-nu"):
+        if self.asym_calib and self.method not in _LAYERWISE:
+            raise UnsupportedError(f"--asym-calib applies to the layer-wise calibrated methods "
+                                   f"{', '.join(_LAYERWISE)} (not {self.method})")
+        if self.asym_calib and self.lorc_rank > 0:
+            raise UnsupportedError("--asym-calib with --lorc-rank is not supported: the codes "
+                                   "approximate a re-targeted weight, so W - Q is not the "
+                                   "error LoRC should compensate; leave one out")
+        if self.offload_activations and self.method not in _LAYERWISE:
             raise UnsupportedError(f"--offload-activations applies to the layer-wise calibrated "
-                                   f"methods gptq, leanquant, leanquant-nu (not {self.method})")
+                                   f"methods {', '.join(_LAYERWISE)} (not {self.method})")
         if self.method == "tesseraq":
             _check_tesseraq_options(self)
         elif self.tesseraq:
@@ -138,63 +146,11 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int, H: Any = None) -> None:
     qt.residual = lorc_factors(W, qt.dequantize(with_residual=False), rank, H=H)
 
 
-#: act-order when --act-order/--no-act-order is not given. gptq: on (measured better on the
-#: sample model, README Results); leanquant: off as in session-1 measurements (not re-measured).
-DEFAULT_ACT_ORDER = {"gptq": True, "leanquant": False}
-
-
-def _act_order(opts: QuantizeOptions) -> bool:
-    """``--act-order`` as given, else :data:`DEFAULT_ACT_ORDER`. With groups, act-order uses
-    static groups, so the stored codes keep the original column order and runtimes never see a
-    g_idx."""
-    if opts.act_order is None:
-        return DEFAULT_ACT_ORDER.get(opts.method, False)
-    return bool(opts.act_order)
-
-
-def _layer_quantizer(opts: QuantizeOptions) -> Callable[..., Any]:
-    """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``, followed by
-    ``opts.refit`` rounds of :func:`qexport.methods.refit.refit_rounds`."""
-    damp = opts.percdamp if opts.percdamp is not None else DEFAULT_PERCDAMP[opts.method]
-    quantize = _method_quantizer(opts, damp)
-    if not opts.refit:
-        return quantize
-    from qexport.methods.refit import refit_rounds
-    from qexport.methods.result import QuantResult
-
-    def quantize_refit(W: Any, H: Any, spec: Any, name: str) -> Any:
-        res = quantize(W, H, spec, name)
-        Hn = H.detach().cpu().numpy() if hasattr(H, "detach") else np.asarray(H)
-        codes, grid, st = refit_rounds(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid,
-                                       spec, opts.refit, name=name, percdamp=damp,
-                                       blocksize=opts.blocksize, actorder=_act_order(opts))
-        return QuantResult(codes=codes, grid=grid, spec=spec, stats={**res.stats, **st})
-    return quantize_refit
-
-
-def _method_quantizer(opts: QuantizeOptions, damp: float) -> Callable[..., Any]:
-    """``(W, H, spec, name) -> QuantResult`` of the method alone (``damp``: its percdamp)."""
-    common = {"blocksize": opts.blocksize, "percdamp": damp}
-    if opts.method == "gptq":
-        from qexport.methods.gptq import gptq_quantize
-        return lambda W, H, spec, name: gptq_quantize(
-            W, H, spec, name=name, actorder=_act_order(opts), static_groups=opts.static_groups,
-            **common)
-    from qexport.methods.leanquant import leanquant_aff_quantize, leanquant_nu_quantize
-    if opts.method == "leanquant":
-        return lambda W, H, spec, name: leanquant_aff_quantize(
-            W, H, spec, name=name, p=2.0 if opts.p is None else opts.p,
-            actorder=_act_order(opts), static_groups=opts.static_groups, **common)
-    # LeanQuant-nu: act-order is the reference default and codebooks are static per row
-    return lambda W, H, spec, name: leanquant_nu_quantize(
-        W, H, spec, name=name, p=4.0 if opts.p is None else opts.p, actorder=True,
-        seed=opts.seed, **common)
-
-
 #: QuantizeOptions fields that only GPTQ / LeanQuant read (refused with tesseraq, not ignored)
-_HESSIAN_ONLY = {"percdamp": (None, "--damp"), "p": (None, "--p"),
+_HESSIAN_ONLY = {"percdamp": (None, "--damp"), "percdamp_mlp": (None, "--damp-mlp"),
+                 "p": (None, "--p"),
                  "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups"),
-                 "refit": (0, "--refit")}
+                 "refit": (0, "--refit"), "asym_calib": (False, "--asym-calib")}
 
 
 def _check_tesseraq_options(opts: QuantizeOptions) -> None:
@@ -322,7 +278,9 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
         import torch
 
         from qexport.calib import load_calibration, quantize_layerwise
-        layer_quantizer = _layer_quantizer(opts)
+        from qexport.layer_quantizer import layer_quantizer as make_quantizer
+        from qexport.layer_quantizer import percdamp
+        layer_quantizer = make_quantizer(opts)
         samples, calib_info = load_calibration(opts.calib, src.tokenizer, n_samples=opts.n_samples,
                                                seq_len=opts.seq_len, seed=opts.seed)
 
@@ -348,7 +306,8 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
                                           if n.startswith(prefix)}, h)
         quantize_layerwise(src, samples, quantize_fn, progress=opts.progress,
                            start_layer=start, hidden=hidden, on_layer_state=on_state,
-                           v_hessian=opts.v_hessian, offload=opts.offload_activations)
+                           v_hessian=opts.v_hessian, offload=opts.offload_activations,
+                           asym_damp=percdamp(opts) if opts.asym_calib else None)
     else:
         from tqdm import tqdm
         imatrix: dict[str, np.ndarray] = {}

@@ -28,7 +28,7 @@ __all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "im
 
 #: qexport's methods in the benchmark: name -> (``qexport --method``, QuantizeOptions overrides,
 #: table label, optional). Optional variants run only when named in ``--methods`` and are
-#: listed only for the types where they were built: leanquant-p1 (leanquant's loss-weight
+#: listed only for the types where they were built: e.g. leanquant-p1 (leanquant's loss-weight
 #: exponent, default p = 2) and tesseraq-minmax (TesseraQ on the paper's min-max grid, the
 #: default before 2026-11-24).
 QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
@@ -40,6 +40,14 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
     "leanquant-r2": ("leanquant", {"refit": 2}, "qexport leanquant --refit 2 (act-order)", True),
     "leanquant-d01-r2": ("leanquant", {"percdamp": 0.01, "refit": 2},
                          "qexport leanquant --damp 0.01 --refit 2 (act-order)", True),
+    "leanquant-asym": ("leanquant", {"asym_calib": True},
+                       "qexport leanquant --asym-calib (act-order)", True),
+    "leanquant-d01-r2-asym": ("leanquant", {"percdamp": 0.01, "refit": 2, "asym_calib": True},
+                              "qexport leanquant --damp 0.01 --refit 2 --asym-calib (act-order)",
+                              True),
+    "leanquant-dmlp-r2": ("leanquant", {"percdamp": 0.01, "percdamp_mlp": 0.1, "refit": 2},
+                          "qexport leanquant --damp 0.01 --damp-mlp 0.1 --refit 2 (act-order)",
+                          True),
     "tesseraq": ("tesseraq", {}, "qexport tesseraq", False),
     "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}},
                         "qexport tesseraq --tq-grid-init minmax", True),
@@ -273,7 +281,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH", strict=False))
+    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH8d12", strict=False))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))

@@ -86,6 +86,8 @@ VARIANTS = {
     "leanquant, --p 0": ("leanquant", ["--p", "0"]),
     "gptq, --refit 2": ("gptq", ["--refit", "2"]),
     "leanquant, --refit 2": ("leanquant", ["--refit", "2"]),
+    "gptq, --asym-calib": ("gptq", ["--asym-calib"]),
+    "leanquant, --asym-calib": ("leanquant", ["--asym-calib"]),
 }
 #: issue 4's table: row order and the columns a row cannot have (free codebooks: IR only)
 #: qexport's LoRC variants (not ZeroQuant-V2's), measured where the paper's LoRC falls short
@@ -96,12 +98,15 @@ _LORC_VARIANTS = ["leanquant + LoRC r8, --lorc-weight hessian",
                   "tesseraq + LoRC r8, --tq-lorc tune"]
 #: qexport's scale re-fit (qexport/methods/refit.py) on the layer-wise methods
 _REFIT_ROWS = ["gptq, --refit 2", "leanquant, --refit 2"]
+#: asymmetric calibration (qexport/calib_asym.py, GPTAQ's objective) on the layer-wise methods
+_ASYM_ROWS = ["gptq, --asym-calib", "leanquant, --asym-calib"]
 TABLE_ROWS = ["rtn", "gptq", "leanquant", "leanquant-nu", "tesseraq",
               "tesseraq, --tq-grid-init minmax", "rtn + LoRC r8", "gptq + LoRC r8",
               "leanquant + LoRC r8", "leanquant-nu + LoRC r8", "tesseraq + LoRC r8",
-              *_LORC_VARIANTS, *_REFIT_ROWS]
+              *_LORC_VARIANTS, *_REFIT_ROWS, *_ASYM_ROWS]
 #: rows shown only in the columns where they were measured (the suite does not run them)
-OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *_LORC_VARIANTS, *_REFIT_ROWS)
+OPTIONAL_ROWS = ("tesseraq, --tq-grid-init minmax", *_LORC_VARIANTS, *_REFIT_ROWS,
+                 *_ASYM_ROWS)
 _NOT_GGUF = ("GGUF Q4_0", "GGUF IQ4_NL", "GGUF Q3_K (fallbacks)")
 
 
@@ -139,6 +144,8 @@ SUITES = {
                     for v in ("leanquant, --p 1", "leanquant, --p 0")],
     # --refit 2 (qexport's closed-form scale re-fit) on GPTQ and LeanQuant, every column
     "refit": [(v, c) for c in COLUMNS for v in _REFIT_ROWS],
+    # --asym-calib (GPTAQ's asymmetric objective) on GPTQ and LeanQuant, every column
+    "asym": [(v, c) for c in COLUMNS for v in _ASYM_ROWS],
 }
 
 
