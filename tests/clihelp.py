@@ -42,3 +42,17 @@ def assert_clean_failure(res: Result, folder: Path, before: dict[str, str],
         assert n.lower() in lines[0].lower(), (n, lines[0])
     assert snapshot(folder) == before, "something was written (or changed)"
     return lines[0]
+
+
+def interrupted_run(monkeypatch: Any, *args: Any) -> Result:
+    """``qexport ARGS`` with a Ctrl-C right after the first decoder layer's checkpoint was
+    saved (expected exit 130, the checkpoint kept for ``--resume``)."""
+    from qexport.checkpoint import Checkpoint
+    real_save = Checkpoint.save_layer
+
+    def save_then_ctrl_c(self, i, tensors, hidden):
+        real_save(self, i, tensors, hidden)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "save_layer", save_then_ctrl_c)
+        return run_cli(*args)

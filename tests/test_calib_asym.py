@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import GPTQ_FAST, assert_clean_failure, run_cli, snapshot
+from clihelp import GPTQ_FAST, assert_clean_failure, interrupted_run, run_cli, snapshot
 
 from qexport.calib import HessianAccumulator, quantize_layerwise
 from qexport.calib_asym import CrossAccumulator, asym_target
@@ -177,19 +177,11 @@ def test_cli_asym_refusals(tiny_llama: Path, calib_file: Path, tmp_path: Path, a
 
 def test_resume_rebuilds_the_fp_stream(tiny_llama: Path, calib_file: Path, tmp_path: Path,
                                        monkeypatch) -> None:
-    from qexport.checkpoint import Checkpoint
     ref = tmp_path / "ref.qir"
     args = [*GPTQ_FAST, "--asym-calib", "--calib", calib_file]
     assert run_cli("quantize", tiny_llama, *args, "-o", ref).exit_code == 0
     out = tmp_path / "m.qir"
-    real_save = Checkpoint.save_layer
-
-    def save_then_ctrl_c(self, i, tensors, hidden):
-        real_save(self, i, tensors, hidden)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Checkpoint, "save_layer", save_then_ctrl_c)
-    assert run_cli("quantize", tiny_llama, *args, "-o", out).exit_code == 130
-    monkeypatch.setattr(Checkpoint, "save_layer", real_save)
+    assert interrupted_run(monkeypatch, "quantize", tiny_llama, *args, "-o", out).exit_code == 130
     res = run_cli("quantize", tiny_llama, *args, "-o", out, "--resume")
     assert res.exit_code == 0, res.stderr
     assert snapshot(out) == snapshot(ref) != {}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clihelp import GPTQ_FAST, run_cli, snapshot
+from clihelp import GPTQ_FAST, interrupted_run, run_cli, snapshot
 
 
 def _partial(out: Path) -> Path:
@@ -73,17 +73,9 @@ def test_interrupt_then_resume_gives_same_bytes(micro_llama: Path, calib_file: P
 
 def test_resume_refuses_different_settings(micro_llama: Path, calib_file: Path,
                                            tmp_path: Path, monkeypatch) -> None:
-    from qexport.checkpoint import Checkpoint
     out = tmp_path / "m.qir"
-    real_save = Checkpoint.save_layer
-
-    def save_then_ctrl_c(self, i, tensors, hidden):
-        real_save(self, i, tensors, hidden)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Checkpoint, "save_layer", save_then_ctrl_c)
-    assert run_cli("quantize", micro_llama, *GPTQ_FAST, "--calib", calib_file,
-                   "-o", out).exit_code == 130
-    monkeypatch.setattr(Checkpoint, "save_layer", real_save)
+    assert interrupted_run(monkeypatch, "quantize", micro_llama, *GPTQ_FAST, "--calib",
+                           calib_file, "-o", out).exit_code == 130
     before = snapshot(tmp_path)
     res = run_cli("quantize", micro_llama, *GPTQ_FAST, "--calib", calib_file, "--seed", "1",
                   "--damp", "0.05", "-o", out, "--resume")
