@@ -40,6 +40,8 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
     "leanquant-r2": ("leanquant", {"refit": 2}, "qexport leanquant --refit 2 (act-order)", True),
     "leanquant-d01-r2": ("leanquant", {"percdamp": 0.01, "refit": 2},
                          "qexport leanquant --damp 0.01 --refit 2 (act-order)", True),
+    "leanquant-d003-r2": ("leanquant", {"percdamp": 0.03, "refit": 2},
+                          "qexport leanquant --damp 0.03 --refit 2 (act-order)", True),
     "leanquant-asym": ("leanquant", {"asym_calib": True},
                        "qexport leanquant --asym-calib (act-order)", True),
     "leanquant-d01-r2-asym": ("leanquant", {"percdamp": 0.01, "refit": 2, "asym_calib": True},
@@ -281,7 +283,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH8d12", strict=False))
+    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH8d12348", strict=False))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))
