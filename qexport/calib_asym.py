@@ -20,6 +20,7 @@ the objective and leaves the quantizers untouched.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -108,7 +109,6 @@ class FPStream:
     def _pair(self, h: torch.Tensor, fq: Callable, ff: Callable, dim: int, stats: _Stats
               ) -> tuple[HessianAccumulator, CrossAccumulator]:
         """``H`` of ``fq(h)`` and ``P`` of ``(ff(h_fp), fq(h))`` over all batches."""
-        import time
         acc, cross, hf = HessianAccumulator(dim), CrossAccumulator(dim), self.act.h
         for sl in _batches(h.shape[0], self.bs):
             t0 = time.perf_counter()
