@@ -279,7 +279,7 @@ def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
         ratio, m = min(got)
         verdict = "met" if ratio <= 0.5 else "NOT met"
         each = ", ".join(f"{mm} {r:.2f}" for r, mm in got)
-        out.append(f"- {t}: best qexport ratio {ratio:.2f} ({m}; {each}) -> {verdict}")
+        out.append(f"- {t}: best qexport ratio {ratio:.3f} ({m}; {each}) -> {verdict}")
     return out + [""]
 
 
