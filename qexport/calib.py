@@ -361,7 +361,8 @@ def quantize_layerwise(model: Any, samples: torch.Tensor, quantize_fn: QuantizeF
             fp = None
             if asym_damp is not None:
                 from qexport.calib_asym import FPStream
-                fp = FPStream(model, samples, start_layer, rope, batch_size, offload, asym_damp)
+                fp = FPStream(model, samples, start_layer, rope, batch_size, offload, asym_damp,
+                              cache_bytes)
             for i in tqdm(range(start_layer, a.n_layers), desc="calibrate", unit="layer",
                           disable=not progress, initial=start_layer, total=a.n_layers):
                 layer = DecoderLayer(model.layer_weights(i), a, i)

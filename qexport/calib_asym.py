@@ -93,8 +93,9 @@ class FPStream:
 
     def __init__(self, model: Any, samples: torch.Tensor, start_layer: int,
                  rope: tuple[torch.Tensor, torch.Tensor], bs: int, offload: bool,
-                 damp: float) -> None:
+                 damp: float, cache_bytes: int = 1 << 30) -> None:
         self.model, self.rope, self.bs, self.damp = model, rope, bs, damp
+        self.cache_bytes = 0 if offload else cache_bytes
         self.act: _Activations = _initial_hidden(model, samples, 0, None, offload, bs)
         for j in range(start_layer):
             fp = _layer(model, j)
@@ -106,10 +107,13 @@ class FPStream:
                 ) -> Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]:
         return lambda name, W, H: asym_target(W, H, cross[name].P, self.damp, name)
 
-    def _pair(self, h: torch.Tensor, fq: Callable, ff: Callable, dim: int, stats: _Stats
-              ) -> tuple[HessianAccumulator, CrossAccumulator]:
-        """``H`` of ``fq(h)`` and ``P`` of ``(ff(h_fp), fq(h))`` over all batches."""
+    def _pair(self, h: torch.Tensor, fq: Callable, ff: Callable, dim: int, stats: _Stats,
+              keep: bool = False) -> tuple[HessianAccumulator, CrossAccumulator, list]:
+        """``H`` of ``fq(h)`` and ``P`` of ``(ff(h_fp), fq(h))`` over all batches, plus (``keep``)
+        the batches' ``(xq, x)`` when both fit in ``cache_bytes`` (else an empty list)."""
         acc, cross, hf = HessianAccumulator(dim), CrossAccumulator(dim), self.act.h
+        keep = keep and 2 * h.shape[0] * h.shape[1] * dim * 4 <= self.cache_bytes
+        kept = []
         for sl in _batches(h.shape[0], self.bs):
             t0 = time.perf_counter()
             xq, x = fq(h[sl]), ff(hf[sl])
@@ -118,39 +122,52 @@ class FPStream:
             cross.add(x, xq)
             stats.forward += t1 - t0
             stats.hessian += time.perf_counter() - t1
-        return acc, cross
+            if keep:
+                kept.append((xq, x))
+        return acc, cross, kept
+
+    def _apply(self, h: torch.Tensor, kept: list, fq: Callable,
+               ff: Callable, apply_q: Callable, apply_f: Callable) -> None:
+        """``h <- apply_q(h, fq(h))`` and ``h_fp <- apply_f(h_fp, ff(h_fp))`` batch by batch,
+        the group inputs taken from ``kept`` when :meth:`_pair` kept them (the group's own
+        quantization does not change its input)."""
+        hf = self.act.h
+        for k, sl in enumerate(_batches(h.shape[0], self.bs)):
+            xq, x = kept[k] if kept else (fq(h[sl]), ff(hf[sl]))
+            h[sl] = apply_q(h[sl], xq)
+            hf[sl] = apply_f(hf[sl], x)
+        kept.clear()
 
     def run_layer(self, layer: Any, h: torch.Tensor, i: int, quantize_fn: QuantizeFn,
                   stats: _Stats, v_hessian: str = "plain") -> None:
         """Quantize layer ``i`` (``layer``, weights replaced group by group) against the FP
         layer; overwrite ``h`` with the quantized layer's output and the FP stream with the FP
         layer's."""
-        a, rope, hf = layer.arch, self.rope, self.act.h
+        a, rope = layer.arch, self.rope
         fp = _layer(self.model, i)
         qkv, o, gate_up, down = ([f"{layer_prefix(i)}{m}.weight" for m in g]
                                  for g in LINEAR_GROUPS)
         self._qkv(layer, fp, h, qkv, quantize_fn, stats, v_hessian)
         ctx_q, ctx_f = (lambda x: layer.attn_context(x, rope)), (lambda x: fp.attn_context(x, rope))
-        acc, cross = self._pair(h, ctx_q, ctx_f, a.n_heads * a.head_dim, stats)
+        acc, cross, kept = self._pair(h, ctx_q, ctx_f, a.n_heads * a.head_dim, stats, True)
         _quantize_group(layer, o, acc, quantize_fn, stats, target=self._target({o[0]: cross}))
-        for sl in _batches(h.shape[0], self.bs):
-            h[sl] = layer.attn_residual(h[sl], ctx_q(h[sl]))
-            hf[sl] = fp.attn_residual(hf[sl], ctx_f(hf[sl]))
-        acc, cross = self._pair(h, layer.mlp_input, fp.mlp_input, a.hidden, stats)
+        self._apply(h, kept, ctx_q, ctx_f, layer.attn_residual, fp.attn_residual)
+        acc, cross, _ = self._pair(h, layer.mlp_input, fp.mlp_input, a.hidden, stats)
         _quantize_group(layer, gate_up, acc, quantize_fn, stats,
                         target=self._target({n: cross for n in gate_up}))
-        acc, cross = self._pair(h, layer.mlp_hidden, fp.mlp_hidden, a.intermediate, stats)
+        acc, cross, kept = self._pair(h, layer.mlp_hidden, fp.mlp_hidden, a.intermediate, stats,
+                                      True)
         _quantize_group(layer, down, acc, quantize_fn, stats, target=self._target({down[0]: cross}))
-        for sl in _batches(h.shape[0], self.bs):
-            h[sl] = layer.mlp_residual(h[sl], layer.mlp_hidden(h[sl]))
-            hf[sl] = fp.mlp_residual(hf[sl], fp.mlp_hidden(hf[sl]))
+        self._apply(h, kept, layer.mlp_hidden, fp.mlp_hidden, layer.mlp_residual,
+                    fp.mlp_residual)
 
     def _qkv(self, layer: Any, fp: Any, h: torch.Tensor, names: list[str],
              quantize_fn: QuantizeFn, stats: _Stats, v_hessian: str) -> None:
         """q/k/v: plain ``H``/``P``; for ``v_hessian="attention"`` v_proj's are weighted by the
         squared attention each token receives in the quantized stream."""
         if v_hessian != "attention":
-            acc, cross = self._pair(h, layer.attn_input, fp.attn_input, layer.arch.hidden, stats)
+            acc, cross, _ = self._pair(h, layer.attn_input, fp.attn_input, layer.arch.hidden,
+                                       stats)
             _quantize_group(layer, names, acc, quantize_fn, stats,
                             target=self._target({n: cross for n in names}))
             return

@@ -150,7 +150,7 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int, H: Any = None) -> None:
 _HESSIAN_ONLY = {"percdamp": (None, "--damp"), "percdamp_mlp": (None, "--damp-mlp"),
                  "p": (None, "--p"),
                  "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups"),
-                 "refit": (0, "--refit"), "asym_calib": (False, "--asym-calib")}
+                 "refit": (0, "--refit")}   # --asym-calib: refused in check()
 
 
 def _check_tesseraq_options(opts: QuantizeOptions) -> None:
