@@ -58,6 +58,15 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="gptq/leanquant: re-fit the grids' float scales (and mins, d, dmin) "
                           "to the Hessian least-squares optimum for the chosen codes, N rounds "
                           "(GPTQ re-chooses the codes between rounds); 0 = off."),
+        click.option("--cd", default=0, show_default=True, type=click.IntRange(0, 16),
+                     help="gptq/leanquant(-nu): coordinate-descent passes over the codes on the "
+                          "fixed grid, each weight moved to its best level for the layer "
+                          "objective with the others held (QuantEase); in every --refit "
+                          "round, or alone; 0 = off."),
+        click.option("--refit-sub", is_flag=True,
+                     help="with --refit: k-quant super-blocks (Q2_K..Q6_K) also re-choose their "
+                          "integer sub-scales and sub-mins for the chosen codes, not only "
+                          "d / dmin."),
         click.option("--v-hessian", default="attention", show_default=True,
                      type=click.Choice(["attention", "plain"]),
                      help="gptq/leanquant: v_proj's Hessian. attention: tokens weighted by the "

@@ -37,18 +37,33 @@ def act_order(opts: Any) -> bool:
 
 def layer_quantizer(opts: Any) -> Callable[..., Any]:
     """``(W, H, spec, name) -> QuantResult`` for the calibrated method of ``opts``, followed by
-    ``opts.refit`` rounds of :func:`qexport.methods.refit.refit_rounds`."""
+    ``opts.refit`` rounds of :func:`qexport.methods.refit.refit_rounds` (``opts.cd``
+    coordinate-descent passes over the codes in each round, or alone without ``--refit``;
+    their ridge is the tensor's damp)."""
     def quantize(W: Any, H: Any, spec: Any, name: str) -> Any:
         damp = percdamp(opts, name)
         res = _method_quantizer(opts, damp)(W, H, spec, name)
-        if not opts.refit:
+        cd = int(getattr(opts, "cd", 0) or 0)
+        if not opts.refit and not cd:
             return res
         from qexport.methods.refit import refit_rounds
         from qexport.methods.result import QuantResult
         Hn = H.detach().cpu().numpy() if hasattr(H, "detach") else np.asarray(H)
+        if not opts.refit:
+            from qexport.methods.cd import cd_codes
+            codes, st = cd_codes(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid, spec,
+                                 cd, percdamp=damp)
+            from qexport.grids import dequantize
+            from qexport.methods.result import hessian_objective
+            obj = hessian_objective(np.asarray(W, dtype=np.float32),
+                                    dequantize(codes, res.grid, spec), Hn)
+            return QuantResult(codes=codes, grid=res.grid, spec=spec,
+                               stats={**res.stats, "cd": cd, **st, "objective": obj})
         codes, grid, st = refit_rounds(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid,
                                        spec, opts.refit, name=name, percdamp=damp,
-                                       blocksize=opts.blocksize, actorder=act_order(opts))
+                                       blocksize=opts.blocksize, actorder=act_order(opts),
+                                       sub=bool(getattr(opts, "refit_sub", False)),
+                                       cd=cd, cd_damp=damp)
         return QuantResult(codes=codes, grid=grid, spec=spec, stats={**res.stats, **st})
     return quantize
 

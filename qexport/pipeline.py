@@ -42,6 +42,8 @@ class QuantizeOptions:
     act_order: bool | None = None          # None: layer_quantizer.DEFAULT_ACT_ORDER
     static_groups: bool = False
     refit: int = 0                         # methods.refit rounds after gptq / leanquant (0: off)
+    refit_sub: bool = False                # the re-fit re-chooses k-quant sub-scales (refit_sub)
+    cd: int = 0                            # methods.cd passes over the codes (0: off)
     v_hessian: str = "attention"           # calib.V_HESSIANS: "plain" is reference GPTQ
     asym_calib: bool = False               # target the FP layer's output (calib_asym.py)
     offload_activations: bool = False      # calibration residual stream in a $TMPDIR file
@@ -99,6 +101,15 @@ class QuantizeOptions:
                                    f"Hessians (not {self.method}"
                                    + ("; tesseraq tunes its scales itself)"
                                       if self.method == "tesseraq" else ")"))
+        if not isinstance(self.cd, int) or isinstance(self.cd, bool) or self.cd < 0:
+            raise UnsupportedError(f"--cd expected a whole number of passes >= 0 "
+                                   f"(not {self.cd!r})")
+        if self.cd and self.method not in ("gptq", "leanquant", "leanquant-nu"):
+            raise UnsupportedError(f"--cd improves the codes of gptq / leanquant / leanquant-nu "
+                                   f"on their Hessians (not {self.method})")
+        if self.refit_sub and not self.refit:
+            raise UnsupportedError("--refit-sub changes what --refit re-fits: add --refit N "
+                                   "(N >= 1)")
 
     def _check_imatrix(self) -> None:
         """``imatrix``: None, a path (normalised to str) or "auto"; only with rtn."""
@@ -150,7 +161,8 @@ def _add_lorc(qt: QTensor, W: np.ndarray, rank: int, H: Any = None) -> None:
 _HESSIAN_ONLY = {"percdamp": (None, "--damp"), "percdamp_mlp": (None, "--damp-mlp"),
                  "p": (None, "--p"),
                  "act_order": (None, "--act-order"), "static_groups": (False, "--static-groups"),
-                 "refit": (0, "--refit")}   # --asym-calib: refused in check()
+                 "refit": (0, "--refit"), "refit_sub": (False, "--refit-sub"),
+                 "cd": (0, "--cd")}   # --asym-calib: refused in check()
 
 
 def _check_tesseraq_options(opts: QuantizeOptions) -> None:

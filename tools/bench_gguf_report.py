@@ -16,6 +16,7 @@ File keys: ``f32``, ``<method>|<TYPE>`` with method in :data:`METHOD_LABELS`.
 from __future__ import annotations
 
 import filecmp
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,21 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
                          "qexport leanquant --damp 0.01 --refit 2 (act-order)", True),
     "leanquant-d003-r2": ("leanquant", {"percdamp": 0.03, "refit": 2},
                           "qexport leanquant --damp 0.03 --refit 2 (act-order)", True),
+    "leanquant-d003-r3": ("leanquant", {"percdamp": 0.03, "refit": 3},
+                          "qexport leanquant --damp 0.03 --refit 3 (act-order)", True),
+    "leanquant-r2-sub": ("leanquant", {"refit": 2, "refit_sub": True},
+                         "qexport leanquant --refit 2 --refit-sub (act-order)", True),
+    "leanquant-d003-r2-sub": ("leanquant", {"percdamp": 0.03, "refit": 2, "refit_sub": True},
+                              "qexport leanquant --damp 0.03 --refit 2 --refit-sub (act-order)",
+                              True),
+    "leanquant-d01-r2-cd2": ("leanquant", {"percdamp": 0.01, "refit": 2, "cd": 2},
+                             "qexport leanquant --damp 0.01 --refit 2 --cd 2 (act-order)", True),
+    "leanquant-r2-sub-cd2": ("leanquant", {"refit": 2, "refit_sub": True, "cd": 2},
+                             "qexport leanquant --refit 2 --refit-sub --cd 2 (act-order)", True),
+    "leanquant-d003-r2-sub-cd2": ("leanquant", {"percdamp": 0.03, "refit": 2, "refit_sub": True,
+                                                "cd": 2},
+                                  "qexport leanquant --damp 0.03 --refit 2 --refit-sub --cd 2 "
+                                  "(act-order)", True),
     "leanquant-asym": ("leanquant", {"asym_calib": True},
                        "qexport leanquant --asym-calib (act-order)", True),
     "leanquant-d01-r2-asym": ("leanquant", {"percdamp": 0.01, "refit": 2, "asym_calib": True},
@@ -283,7 +299,7 @@ def plot_results(results: dict[str, Any], types: list[str], path: str | Path,
     import matplotlib.pyplot as plt
     rows = [r for r in results_table(results, types) if r["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = dict(zip(PLOT_METHODS, "osD^vPXh<>*pH8d12348", strict=False))
+    markers = dict(zip(PLOT_METHODS, itertools.cycle("osD^vPXh<>*pH8d12348|_x+")))
     for m in PLOT_METHODS:
         pts = sorted((r["MiB"], r["ppl"], r["type"]) for r in rows
                      if r["key"].startswith(f"{m}|"))

@@ -173,30 +173,43 @@ def refit_scales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
 
 def refit_rounds(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, spec: GridSpec,
                  rounds: int, *, name: str = "tensor", percdamp: float = 0.01,
-                 blocksize: int = 128, actorder: bool = True
-                 ) -> tuple[np.ndarray, Grid, dict[str, Any]]:
+                 blocksize: int = 128, actorder: bool = True, sub: bool = False,
+                 cd: int = 0, cd_damp: float = 0.0) -> tuple[np.ndarray, Grid, dict[str, Any]]:
     """``rounds`` re-fits; between two, GPTQ's loop re-chooses the codes on the new grid.
+    ``sub``: super-block grids re-choose their integer sub-scales / sub-mins too
+    (:func:`qexport.methods.refit_sub.refit_subscales`). ``cd``: before each re-fit, that
+    many coordinate-descent passes over the codes on the current grid
+    (:func:`qexport.methods.cd.cd_codes`, ridge ``cd_damp``).
 
     Returns:
         ``(codes, grid, stats)`` with the lowest objective seen (the input's included);
         stats: ``refit`` (rounds), ``refit_objective0`` / ``objective`` (before / after),
-        ``refit_best_round`` (0: the input was best).
+        ``refit_best_round`` (0: the input was best) and that round's ``refit_rows`` (and,
+        with ``sub``, ``refit_sub_rows``: the fractions of rows that took new floats /
+        integers; with ``cd``, ``cd_changed``: the fraction of codes coordinate descent moved).
     """
+    from qexport.methods.cd import cd_codes
     from qexport.methods.gptq import gptq_on_grid
+    from qexport.methods.refit_sub import refit_subscales
+    fit = refit_subscales if sub else refit_scales
     if rounds < 1:
         raise UnsupportedError(f"{name}: refit rounds expected >= 1 (not {rounds})")
-    best: tuple[float, np.ndarray, Grid, int] | None = None
-    stats: dict[str, Any] = {"refit": rounds}
+    obj0 = float(_row_objective(W, dequantize(codes, grid, spec), H).sum())
+    best: tuple[float, np.ndarray, Grid, int] = (obj0, codes, grid, 0)
+    rows: dict[str, float] = {}
+    stats: dict[str, Any] = {"refit": rounds, **({"refit_sub": True} if sub else {}),
+                             **({"cd": cd} if cd else {}), "refit_objective0": obj0}
     for r in range(1, rounds + 1):
         if r > 1:
             codes, _, _ = gptq_on_grid(W, H, spec, grid, name=name, blocksize=blocksize,
                                        percdamp=percdamp, actorder=actorder)
-        new, st = refit_scales(W, H, codes, grid, spec, name=name)
-        if best is None:                     # the input, as refit_scales measured it
-            stats["refit_objective0"] = st["before"]
-            best = (st["before"], codes, grid, 0)
-        grid = new
+        cst: dict[str, Any] = {}
+        if cd:
+            codes, cst = cd_codes(W, H, codes, grid, spec, cd, percdamp=cd_damp)
+        grid, st = fit(W, H, codes, grid, spec, name=name)
         if st["after"] < best[0]:
             best = (st["after"], codes, grid, r)
-    stats.update({"objective": best[0], "refit_best_round": best[3]})
+            rows = {k: v for k, v in {**st, **cst}.items()
+                    if k in ("refit_rows", "refit_sub_rows", "cd_changed")}
+    stats.update({"objective": best[0], "refit_best_round": best[3], **rows})
     return best[1], best[2], stats
