@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qexport.grids import Grid, GridSpec
+from qexport.grids import AffineGrid, Grid, GridSpec, ZeroDomain
 from qexport.grids.fit import _levels
+from qexport.grids.grid import _table_value
 
 __all__ = ["cd_codes"]
 
@@ -41,8 +42,6 @@ def _column_levels(spec: GridSpec, grid: Grid, K: int, c0: int, c1: int) -> torc
 
 def _levels_any(spec: GridSpec, grid: Grid, gidx: np.ndarray) -> np.ndarray:
     """``_levels`` for every grid kind (affine grids decoded code by code)."""
-    from qexport.grids import AffineGrid, ZeroDomain
-    from qexport.grids.grid import _table_value
     if not isinstance(grid, AffineGrid):
         return _levels(spec, grid, gidx)
     codes = np.arange(spec.maxq + 1, dtype=np.float32)
