@@ -49,17 +49,16 @@ def layer_quantizer(opts: Any) -> Callable[..., Any]:
         from qexport.methods.refit import refit_rounds
         from qexport.methods.result import QuantResult
         Hn = H.detach().cpu().numpy() if hasattr(H, "detach") else np.asarray(H)
+        Wn = np.asarray(W, dtype=np.float32)
         if not opts.refit:
-            from qexport.methods.cd import cd_codes
-            codes, st = cd_codes(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid, spec,
-                                 cd, percdamp=damp)
             from qexport.grids import dequantize
+            from qexport.methods.cd import cd_codes
             from qexport.methods.result import hessian_objective
-            obj = hessian_objective(np.asarray(W, dtype=np.float32),
-                                    dequantize(codes, res.grid, spec), Hn)
+            codes, st = cd_codes(Wn, Hn, res.codes, res.grid, spec, cd, percdamp=damp)
+            obj = hessian_objective(Wn, dequantize(codes, res.grid, spec), Hn)
             return QuantResult(codes=codes, grid=res.grid, spec=spec,
                                stats={**res.stats, "cd": cd, **st, "objective": obj})
-        codes, grid, st = refit_rounds(np.asarray(W, dtype=np.float32), Hn, res.codes, res.grid,
+        codes, grid, st = refit_rounds(Wn, Hn, res.codes, res.grid,
                                        spec, opts.refit, name=name, percdamp=damp,
                                        blocksize=opts.blocksize, actorder=act_order(opts),
                                        sub=bool(getattr(opts, "refit_sub", False)),

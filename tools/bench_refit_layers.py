@@ -76,9 +76,10 @@ def config_label(cfg: tuple[float, int, bool, int, float]) -> str:
 def spec_of(spec, W: np.ndarray):
     """``spec``, or Q4_0 (llama.cpp's fallback) for a row length ``spec`` cannot hold."""
     from backends.gguf.types import spec_for
+    from qexport.grids import GridError
     try:
         spec.check_shape(W.shape, "probe")
-    except Exception:
+    except GridError:
         return spec_for("Q4_0")
     return spec
 

@@ -69,15 +69,17 @@ def cd_codes(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, spec: 
     Hd = torch.from_numpy(H.astype(np.float64))
     diag = torch.diagonal(Hd)
     Hd = Hd + torch.eye(K, dtype=torch.float64) * percdamp * diag.mean()
-    dead = torch.diagonal(H if isinstance(H, torch.Tensor) else torch.from_numpy(H)) == 0
+    dead = np.diag(H) == 0
     c = torch.from_numpy(codes.astype(np.int64))
     Q = torch.cat([torch.gather(_column_levels(spec, grid, K, c0, min(K, c0 + _BLOCK)), 2,
                                 c[:, c0:c0 + _BLOCK, None])[..., 0]
                    for c0 in range(0, K, _BLOCK)], dim=1)
     E = torch.from_numpy(W.astype(np.float64)) - Q
-    f0 = float(torch.einsum("ij,ij->", E @ Hd, E))
-    for _ in range(passes):
-        G = E @ Hd
+    G = E @ Hd
+    f0 = float(torch.einsum("ij,ij->", G, E))
+    for p in range(passes):
+        if p:
+            G = E @ Hd                              # afresh each pass: no drift of the updates
         for c0 in range(0, K, _BLOCK):
             c1 = min(K, c0 + _BLOCK)
             lv = _column_levels(spec, grid, K, c0, c1)                  # [rows, c1-c0, levels]

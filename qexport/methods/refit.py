@@ -34,7 +34,7 @@ from qexport.grids import AffineGrid, Grid, GridKind, GridSpec, SuperBlockGrid, 
 from qexport.grids.grid import grid_from_arrays
 from qexport.grids.spec import round_to_dtype
 
-__all__ = ["refit_scales", "refit_rounds", "check_refit_spec"]
+__all__ = ["refit_scales", "refit_rows", "refit_rounds", "check_refit_spec"]
 
 #: rows per chunk of the ``[rows, in, params]`` products
 _CHUNK = 64
@@ -138,6 +138,17 @@ def refit_scales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
         ``refit_gain`` (objective after / before) and the float64 objectives ``before`` and
         ``after``.
     """
+    out, before, after = refit_rows(W, H, codes, grid, spec, name=name)
+    total0, total1 = float(before.sum()), float(after.sum())
+    return out, {"refit_rows": round(float((after < before).mean()), 4),
+                 "refit_gain": round(total1 / total0, 6) if total0 > 0 else 1.0,
+                 "before": total0, "after": total1}
+
+
+def refit_rows(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, spec: GridSpec,
+               *, name: str = "tensor") -> tuple[Grid, np.ndarray, np.ndarray]:
+    """:func:`refit_scales`' grid with the float64 ``[out]`` row objectives of ``grid``
+    (before) and of the returned grid (after, ``<=`` before)."""
     check_refit_spec(spec, name)
     names_coefs = _families(codes, grid, spec)
     old = grid.arrays()
@@ -163,12 +174,7 @@ def refit_scales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, sp
     better = np.isfinite(after) & (after < before)
     for nm, _, _ in names_coefs:
         new[nm] = np.where(better[:, None], new[nm], old[nm]).astype(np.float32)
-    out = grid_from_arrays(grid.kind, new, name)
-    total0 = float(before.sum())
-    total1 = float(np.where(better, after, before).sum())
-    return out, {"refit_rows": round(float(better.mean()), 4),
-                 "refit_gain": round(total1 / total0, 6) if total0 > 0 else 1.0,
-                 "before": total0, "after": total1}
+    return grid_from_arrays(grid.kind, new, name), before, np.where(better, after, before)
 
 
 def refit_rounds(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid, spec: GridSpec,

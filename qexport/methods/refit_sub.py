@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qexport.grids import Grid, GridSpec, SuperBlockGrid, dequantize
+from qexport.grids import Grid, GridSpec, SuperBlockGrid
 from qexport.grids.spec import round_to_dtype
 
-from .refit import _RIDGE, _normal_equations, _row_objective, _table, refit_scales
+from .refit import _RIDGE, _normal_equations, _table, refit_rows, refit_scales
 
 __all__ = ["refit_subscales"]
 
@@ -151,11 +151,11 @@ def refit_subscales(W: np.ndarray, H: np.ndarray, codes: np.ndarray, grid: Grid,
     """
     if not isinstance(grid, SuperBlockGrid):
         return refit_scales(W, H, codes, grid, spec, name=name)
-    plain, _ = refit_scales(W, H, codes, grid, spec, name=name)     # d / dmin only
+    plain, before, after_plain = refit_rows(W, H, codes, grid, spec, name=name)
     cand = _candidate(W, H, codes, grid, spec)
-    cand, _ = refit_scales(W, H, codes, cand, spec, name=name)     # step 4 (never worse)
-    objs = [_row_objective(W, dequantize(codes, g, spec), H) for g in (grid, plain, cand)]
-    objs = np.stack([np.where(np.isfinite(o), o, np.inf) for o in objs])
+    cand, _, after_cand = refit_rows(W, H, codes, cand, spec, name=name)   # step 4
+    objs = np.stack([np.where(np.isfinite(o), o, np.inf)
+                     for o in (before, after_plain, after_cand)])
     pick = np.argmin(objs, axis=0)                                 # ties: the earlier grid
     out = _pick_rows(pick == 1, plain, grid)
     out = _pick_rows(pick == 2, cand, out)

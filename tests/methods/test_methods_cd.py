@@ -11,19 +11,12 @@ from qexport.grids import GridSpec, dequantize, validate
 from qexport.grids.fit import quantize_nearest
 from qexport.methods import gptq_quantize
 from qexport.methods.cd import cd_codes
+from qexport.testing.layers import correlated_layer as layer
 from qexport.testing.specs import CODEBOOK_SPECS, METHOD_SPECS, SUPER_SPECS
 
 SPECS = {**METHOD_SPECS, "q4_0": GridSpec.affine(4, 32, True, name="q4_0-like"),
          "q3_k": SUPER_SPECS["q3_k"], "q2_k": SUPER_SPECS["q2_k"],
          "free4g32": CODEBOOK_SPECS["free4g32"]}
-
-
-def layer(rng: np.random.Generator, out_f: int, in_f: int) -> tuple[np.ndarray, np.ndarray]:
-    """Correlated, unevenly scaled inputs: ``(W, H)`` float32."""
-    X = rng.standard_normal((1024, in_f)) * np.exp(0.5 * rng.standard_normal(in_f))
-    X[:, 1:] += 0.6 * X[:, :-1]
-    W = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32)
-    return W, (2.0 / 1024 * X.T @ X).astype(np.float32)
 
 
 def _objective(W, Q, H) -> float:

@@ -15,19 +15,13 @@ from qexport.methods import gptq_quantize
 from qexport.methods.refit import refit_rounds, refit_scales
 from qexport.methods.result import hessian_objective
 from qexport.pipeline import QuantizeOptions
+from qexport.testing.layers import correlated_layer as layer
 from qexport.testing.specs import CODEBOOK_SPECS, METHOD_SPECS, SUPER_SPECS
 
 SPECS = {**METHOD_SPECS, "q2_k": SUPER_SPECS["q2_k"], "q3_k": SUPER_SPECS["q3_k"],
          "q4_0": GridSpec.affine(4, 32, True, name="q4_0-like"),
          "q4_1": GridSpec.affine(4, 32, False, zero=ZeroDomain.FLOAT, name="q4_1-like"),
          "w4g96a": GridSpec.affine(4, 96, False)}        # ragged last group at 512 columns
-
-
-def layer(rng: np.random.Generator, out_f: int, in_f: int) -> tuple[np.ndarray, np.ndarray]:
-    X = rng.standard_normal((1024, in_f)) * np.exp(0.5 * rng.standard_normal(in_f))
-    X[:, 1:] += 0.6 * X[:, :-1]
-    W = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32)
-    return W, (2.0 / 1024 * X.T @ X).astype(np.float32)
 
 
 def _float_names(grid) -> list[str]:

@@ -19,16 +19,8 @@ from qexport.methods.refit import _table, refit_rounds, refit_scales
 from qexport.methods.refit_sub import _fit_rows, _round_with_feedback, refit_subscales
 from qexport.methods.result import hessian_objective
 from qexport.pipeline import QuantizeOptions
+from qexport.testing.layers import correlated_layer as layer
 from qexport.testing.specs import METHOD_SPECS, SUPER_SPECS
-
-
-
-def layer(rng: np.random.Generator, out_f: int, in_f: int) -> tuple[np.ndarray, np.ndarray]:
-    """Correlated, unevenly scaled inputs (as test_methods_refit's): ``(W, H)`` float32."""
-    X = rng.standard_normal((1024, in_f)) * np.exp(0.5 * rng.standard_normal(in_f))
-    X[:, 1:] += 0.6 * X[:, :-1]
-    W = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32)
-    return W, (2.0 / 1024 * X.T @ X).astype(np.float32)
 
 
 def _rows(W, H, codes, grid, spec) -> np.ndarray:
