@@ -1,5 +1,6 @@
-"""Calibration: seeded token windows from a text file, and the layer-by-layer driver that feeds
-each linear's Hessian to a quantizer (GPTQ's true-sequential scheme).
+"""Calibration: token windows of a text file (:mod:`qexport.calib_text`, re-exported) and the
+layer-by-layer driver that feeds each linear's Hessian to a quantizer (GPTQ's true-sequential
+scheme).
 
 The driver keeps one decoder layer's activations (the residual stream ``h [N, T, hidden]`` plus
 at most one cached group input) in memory. For layer ``i`` and each group of
@@ -11,82 +12,26 @@ dequantized weight before moving on. The next layer sees the *quantized* layer's
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import mmap
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from qexport.calib_text import CALIB_SAMPLING, calibration_hash, load_calibration
 from qexport.errors import InputError, NumericsError
 from qexport.model.arch import LINEAR_GROUPS, layer_prefix
-from qexport.model.tokenizer import bos_to_add, load_tokenizer
 
 __all__ = ["load_calibration", "calibration_hash", "HessianAccumulator", "quantize_layerwise",
-           "QuantizeFn", "V_HESSIANS"]
+           "QuantizeFn", "V_HESSIANS", "CALIB_SAMPLING"]
 
 #: Hessians available for v_proj (see quantize_layerwise)
 V_HESSIANS = ("plain", "attention")
 
 QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
-
-
-def calibration_hash(text_sha256: str, settings: dict[str, Any]) -> str:
-    """sha256 of the text's sha256 and the sampling settings (sorted JSON)."""
-    blob = json.dumps({"text_sha256": text_sha256, **settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _read_text(path: str | Path) -> tuple[str, str]:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"{p}: calibration text could not be read ({e.strerror})") from e
-    try:
-        return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{p}: calibration text expected UTF-8 (byte {e.start} is not)") from e
-
-
-def load_calibration(path: str | Path, tokenizer: Any, n_samples: int = 128, seq_len: int = 512,
-                     seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Tokenize the whole text once and draw ``n_samples`` seeded random windows of ``seq_len``.
-
-    ``tokenizer``: tokenizer files (dict name -> bytes), a folder, or a transformers tokenizer.
-    If the tokenizer prepends BOS by default, each window's first token is replaced by BOS
-    (llama.cpp's perplexity does the same), so calibration sees what evaluation sees.
-
-    Returns:
-        samples: int64 ``[n_samples, seq_len]``;
-        info: ``{"file", "text_sha256", "text_tokens", "n_samples", "seq_len", "seed",
-        "bos", "hash"}`` (``hash`` = :func:`calibration_hash`, for provenance).
-    """
-    if n_samples <= 0 or seq_len <= 1:
-        raise InputError(f"calibration expected n_samples >= 1 and seq_len >= 2 "
-                         f"(not {n_samples}, {seq_len})")
-    text, sha = _read_text(path)
-    tok = load_tokenizer(tokenizer)
-    ids = np.asarray(tok(text, add_special_tokens=False, verbose=False)["input_ids"],
-                     dtype=np.int64)
-    if ids.size < seq_len:
-        raise InputError(f"{path}: calibration text has {ids.size} tokens; need at least "
-                         f"{seq_len} (one window of seq_len)")
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, ids.size - seq_len + 1, size=n_samples)
-    samples = torch.from_numpy(np.stack([ids[s:s + seq_len] for s in starts]))
-    bos = bos_to_add(tok)
-    if bos is not None:
-        samples[:, 0] = bos
-    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "bos": bos is not None}
-    info = {"file": Path(path).name, "text_sha256": sha, "text_tokens": int(ids.size),
-            **settings, "hash": calibration_hash(sha, settings)}
-    return samples, info
 
 
 class HessianAccumulator:

@@ -256,11 +256,14 @@ def report(ir: str, output: str, source: str | None, as_json: bool, force: bool,
 @click.option("--n-samples", default=128, show_default=True, type=int)
 @click.option("--seq-len", default=512, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--calib-sampling", default="random", show_default=True,
+              type=click.Choice(["random", "tiled"]),
+              help="random windows, or tiled: llama-imatrix's consecutive chunks.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_guard
 def imatrix_cmd(model: str, calib: str, output: str, n_samples: int, seq_len: int, seed: int,
-                force: bool, quiet: bool) -> None:
+                calib_sampling: str, force: bool, quiet: bool) -> None:
     """Importance matrix (mean squared input activation per column of every decoder linear)
     of MODEL on the calibration text, written as a llama-imatrix GGUF file."""
     from qexport.atomic import check_output_path
@@ -268,7 +271,7 @@ def imatrix_cmd(model: str, calib: str, output: str, n_samples: int, seq_len: in
     from qexport.model.load import load_model
     check_output_path(Path(output), force)
     im, info = compute_imatrix(load_model(model), calib, n_samples=n_samples, seq_len=seq_len,
-                               seed=seed, progress=not quiet)
+                               seed=seed, sampling=calib_sampling, progress=not quiet)
     save_imatrix_gguf(im, output, tokens=info["tokens"], chunk_size=seq_len,
                       dataset=Path(calib).name, force=force)
     click.echo(f"wrote {output}: {len(im)} entries from {info['tokens']} tokens")

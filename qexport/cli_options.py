@@ -39,6 +39,11 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--n-samples", default=128, show_default=True, type=int),
         click.option("--seq-len", default=512, show_default=True, type=int),
         click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--calib-sampling", default="random", show_default=True,
+                     type=click.Choice(["random", "tiled"]),
+                     help="Calibration windows: random = --n-samples seeded random windows "
+                          "(may overlap); tiled = consecutive windows from the start of the "
+                          "text, the chunks llama-imatrix reads (at most tokens / --seq-len)."),
         click.option("--damp", default=None, type=float,
                      help="Hessian dampening, fraction of mean(diag H) "
                           "[default: gptq 0.01, leanquant 0.1]."),

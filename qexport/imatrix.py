@@ -36,8 +36,8 @@ Imatrix = dict[str, np.ndarray]        # HF weight name -> float32 [in_features]
 
 
 def compute_imatrix(src: Any, calib: str | os.PathLike, *, n_samples: int = 128,
-                    seq_len: int = 512, seed: int = 0, progress: bool = True
-                    ) -> tuple[Imatrix, dict[str, Any]]:
+                    seq_len: int = 512, seed: int = 0, sampling: str = "random",
+                    progress: bool = True) -> tuple[Imatrix, dict[str, Any]]:
     """Mean squared input activation per column of every decoder linear of ``src`` (a
     :class:`qexport.model.SourceModel`), on the unquantized model.
 
@@ -52,7 +52,7 @@ def compute_imatrix(src: Any, calib: str | os.PathLike, *, n_samples: int = 128,
     """
     from qexport.calib import load_calibration, quantize_layerwise
     samples, info = load_calibration(calib, src.tokenizer, n_samples=n_samples,
-                                     seq_len=seq_len, seed=seed)
+                                     seq_len=seq_len, seed=seed, sampling=sampling)
     out: Imatrix = {}
     denom = 2.0 * float(samples.shape[1])
 
@@ -171,7 +171,7 @@ def imatrix_sha256(imatrix: Imatrix) -> str:
 
 
 def resolve_imatrix(src: Any, source: str, *, calib: str | None, n_samples: int,
-                    seq_len: int, seed: int, progress: bool = True
+                    seq_len: int, seed: int, sampling: str = "random", progress: bool = True
                     ) -> tuple[Imatrix, dict[str, Any]]:
     """The importance matrix a run asked for: ``source`` = a llama-imatrix GGUF path, or
     ``"auto"`` = :func:`compute_imatrix` from ``calib`` (values as a saved file would hold them).
@@ -185,7 +185,7 @@ def resolve_imatrix(src: Any, source: str, *, calib: str | None, n_samples: int,
             raise InputError("--imatrix auto computes the importance matrix from calibration "
                              "text: add --calib FILE (or pass --imatrix FILE.gguf)")
         im, info = compute_imatrix(src, calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                   progress=progress)
+                                   sampling=sampling, progress=progress)
         im = as_stored(im, info["tokens"])
         return im, {"source": "auto", "sha256": imatrix_sha256(im), "entries": len(im),
                     "calibration": info}

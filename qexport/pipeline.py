@@ -35,6 +35,7 @@ class QuantizeOptions:
     n_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    calib_sampling: str = "random"         # calib.CALIB_SAMPLING: random windows or tiled
     blocksize: int = 128
     percdamp: float | None = None          # None: layer_quantizer.DEFAULT_PERCDAMP
     percdamp_mlp: float | None = None      # gate/up/down's percdamp (None: percdamp's)
@@ -232,7 +233,8 @@ def _quantize_tesseraq(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOpti
     from qexport.methods.tesseraq import tesseraq_quantize_model
     tq = _tesseraq_options(opts)
     samples, calib_info = load_calibration(opts.calib, src.tokenizer, n_samples=opts.n_samples,
-                                           seq_len=opts.seq_len, seed=opts.seed)
+                                           seq_len=opts.seq_len, seed=opts.seed,
+                                           sampling=opts.calib_sampling)
     fp: dict[str, np.ndarray] = {}
 
     def block_done(i: int, qts: dict[str, QTensor]) -> None:
@@ -294,7 +296,8 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
         from qexport.layer_quantizer import percdamp
         layer_quantizer = make_quantizer(opts)
         samples, calib_info = load_calibration(opts.calib, src.tokenizer, n_samples=opts.n_samples,
-                                               seq_len=opts.seq_len, seed=opts.seed)
+                                               seq_len=opts.seq_len, seed=opts.seed,
+                                               sampling=opts.calib_sampling)
 
         def quantize_fn(name: str, W: "torch.Tensor", H: "torch.Tensor") -> "torch.Tensor":
             if name not in plan:
@@ -328,7 +331,8 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
             check_imatrix_plan(plan)
             imatrix, method_prov["imatrix"] = resolve_imatrix(
                 src, opts.imatrix, calib=opts.calib, n_samples=opts.n_samples,
-                seq_len=opts.seq_len, seed=opts.seed, progress=opts.progress)
+                seq_len=opts.seq_len, seed=opts.seed, sampling=opts.calib_sampling,
+                progress=opts.progress)
             check_imatrix(imatrix, plan, src, opts.imatrix)
             calib_info = method_prov["imatrix"].get("calibration", {})
         todo = linears + [n for n in plan if n not in linears]   # + embeddings / lm_head

@@ -63,6 +63,36 @@ def test_bos_policy_follows_tokenizer(tmp_path, add_bos):
     assert np.array_equal(x[:, 1:].numpy(), expect[:, 1:])
 
 
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_tiled_windows_are_consecutive_chunks(tmp_path, add_bos):
+    """tiled: window k = tokens [k*T, (k+1)*T) (llama-imatrix's chunk k), BOS replacing the
+    first token as with random windows; the seed does not matter; the hash names the sampling
+    while random sampling keeps the hash of earlier versions (no "sampling" key)."""
+    from qexport.calib import calibration_hash
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(32 + i % 95) for i in range(200)))   # 200 bytes -> 200 tokens
+    x, info = load_calibration(text, ByteTokenizer(add_bos), n_samples=12, seq_len=16,
+                               sampling="tiled")
+    y, info_y = load_calibration(text, ByteTokenizer(add_bos), n_samples=12, seq_len=16,
+                                 seed=7, sampling="tiled")
+    ids = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int64) + 3
+    assert np.array_equal(x[:, 1:].numpy(), ids[:192].reshape(12, 16)[:, 1:])
+    assert (x[:, 0] == 1).all() == add_bos
+    assert torch.equal(x, y) and info["sampling"] == "tiled"
+    r, info_r = load_calibration(text, ByteTokenizer(add_bos), n_samples=12, seq_len=16)
+    assert "sampling" not in info_r and info_r["hash"] != info["hash"]
+    assert info_r["hash"] == calibration_hash(info_r["text_sha256"], {
+        "n_samples": 12, "seq_len": 16, "seed": 0, "bos": add_bos})
+    with pytest.raises(InputError, match=r"at most 12 windows of 16 tokens \(the text has 200 "
+                                         r"tokens\), not 13"):
+        load_calibration(text, ByteTokenizer(add_bos), n_samples=13, seq_len=16,
+                         sampling="tiled")
+    with pytest.raises(InputError, match=r"unknown calibration sampling 'strided'; expected "
+                                         r"one of \['random', 'tiled'\]"):
+        load_calibration(text, ByteTokenizer(add_bos), n_samples=2, seq_len=16,
+                         sampling="strided")
+
+
 def test_too_short_text(tmp_path, tiny_llama):
     src = load_model(tiny_llama)
     short = tmp_path / "short.txt"

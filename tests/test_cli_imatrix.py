@@ -133,6 +133,34 @@ def _hook_imatrix(model: Path, ids: torch.Tensor) -> dict[str, np.ndarray]:
     return out
 
 
+def test_tiled_calibration_in_imatrix_and_quantize(tiny_llama, calib_file, tmp_path):
+    """--calib-sampling tiled reaches the windows of `qexport imatrix` (its in_sum2 are those of
+    the consecutive chunks) and of a calibrated quantize run (recorded in the provenance)."""
+    import gguf
+
+    from qexport.calib import load_calibration
+    f = tmp_path / "tiled.imatrix.gguf"
+    res = run_cli("imatrix", tiny_llama, "--calib", calib_file, "--n-samples", "3", "--seq-len",
+                  "32", "--calib-sampling", "tiled", "--quiet", "-o", f)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    ids, info = load_calibration(calib_file, load_model(tiny_llama).tokenizer, n_samples=3,
+                                 seq_len=32, sampling="tiled")
+    assert torch.equal(ids[:, 1:], load_calibration(calib_file, load_model(tiny_llama).tokenizer,
+                                                    n_samples=1, seq_len=96,
+                                                    sampling="tiled")[0].reshape(3, 32)[:, 1:])
+    want = _hook_imatrix(tiny_llama, ids)
+    data = {t.name: np.asarray(t.data, np.float32).reshape(-1)
+            for t in gguf.GGUFReader(str(f)).tensors}
+    for g in (n[:-len(".in_sum2")] for n in data if n.endswith(".in_sum2")):
+        np.testing.assert_allclose(data[f"{g}.in_sum2"] / 96, want[hf_name(g)], rtol=2e-4,
+                                   atol=1e-7, err_msg=g)
+    res = run_cli("quantize", tiny_llama, "--method", "gptq", "--calib", calib_file, "--n-samples",
+                  "3", "--seq-len", "32", "--calib-sampling", "tiled", "--quiet", "-o",
+                  tmp_path / "t.qir")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert load_ir(tmp_path / "t.qir").provenance["calibration"]["hash"] == info["hash"]
+
+
 @pytest.mark.slow
 def test_imatrix_command_auto_and_file_agree(tiny_llama, calib_file, tmp_path):
     import gguf

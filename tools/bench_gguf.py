@@ -192,9 +192,10 @@ class Bench:
         Hessian options)."""
         from qexport.pipeline import QuantizeOptions, quantize_model
         name, extra = QEXPORT_METHODS[method][:2]
+        kw = {"seed": self.s.seed, **extra}              # a variant may set its own seed
         opts = QuantizeOptions(method=name, calib=str(CALIB), n_samples=self.s.calib_samples,
-                               seq_len=self.s.seq_len, seed=self.s.seed, progress=False,
-                               act_order=None if name == "tesseraq" else True, **extra)
+                               seq_len=self.s.seq_len, progress=False,
+                               act_order=None if name == "tesseraq" else True, **kw)
         qm = quantize_model(self.src(), self.plan(t, True), opts)
         return self.lower(qm, key, t)
 

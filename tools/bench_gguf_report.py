@@ -66,6 +66,22 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
     "leanquant-dmlp-r2": ("leanquant", {"percdamp": 0.01, "percdamp_mlp": 0.1, "refit": 2},
                           "qexport leanquant --damp 0.01 --damp-mlp 0.1 --refit 2 (act-order)",
                           True),
+    "leanquant-d01-r2-tiled": ("leanquant", {"percdamp": 0.01, "refit": 2,
+                                             "calib_sampling": "tiled"},
+                               "qexport leanquant --damp 0.01 --refit 2 --calib-sampling tiled "
+                               "(act-order)", True),
+    "leanquant-d003-r2-tiled": ("leanquant", {"percdamp": 0.03, "refit": 2,
+                                              "calib_sampling": "tiled"},
+                                "qexport leanquant --damp 0.03 --refit 2 --calib-sampling tiled "
+                                "(act-order)", True),
+    "leanquant-r2-sub-tiled": ("leanquant", {"refit": 2, "refit_sub": True,
+                                             "calib_sampling": "tiled"},
+                               "qexport leanquant --refit 2 --refit-sub --calib-sampling tiled "
+                               "(act-order)", True),
+    "leanquant-d01-r2-s1": ("leanquant", {"percdamp": 0.01, "refit": 2, "seed": 1},
+                            "qexport leanquant --damp 0.01 --refit 2 --seed 1 (act-order)", True),
+    "leanquant-d003-r2-s1": ("leanquant", {"percdamp": 0.03, "refit": 2, "seed": 1},
+                             "qexport leanquant --damp 0.03 --refit 2 --seed 1 (act-order)", True),
     "tesseraq": ("tesseraq", {}, "qexport tesseraq", False),
     "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}},
                         "qexport tesseraq --tq-grid-init minmax", True),

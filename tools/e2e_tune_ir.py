@@ -1,0 +1,66 @@
+"""End-to-end tuning of an IR's float grid parameters and norms (qexport.methods.e2e).
+
+    .venv/bin/python tools/e2e_tune_ir.py IN.qir --source sample:smollm2 \
+        --calib ../shared/data/exllamav2-cal/c4.utf8 -o OUT.qir [--epochs 1 --lr 1e-3]
+
+Codes and integer fields stay; the provenance records the tuning under ``e2e``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from qexport.calib import load_calibration
+    from qexport.irio import load_ir, save_ir
+    from qexport.methods.e2e import E2EOptions, e2e_tune
+    from qexport.model.load import load_model
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ir")
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--train-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--no-norms", action="store_true")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    qm = load_ir(a.ir)
+    src = load_model(a.source)
+    samples, info = load_calibration(a.calib, src.tokenizer, n_samples=a.n_samples,
+                                     seq_len=a.seq_len)
+    opts = E2EOptions(epochs=a.epochs, batch=a.batch, train_len=a.train_len, lr=a.lr,
+                      norms=not a.no_norms)
+    tensors, norms, rep = e2e_tune(src, _Passthrough(qm, src), qm.tensors, samples, opts)
+    qm.tensors = tensors
+    qm.passthrough.update(norms)
+    qm.provenance["e2e"] = {**rep, "calibration": info}
+    save_ir(qm, a.output, force=a.force)
+    print(f"wrote {a.output}: epoch KL {rep['epoch_loss']}")
+
+
+class _Passthrough:
+    """The IR's passthrough tensors as a source (its own norms / biases), else ``src``'s."""
+
+    def __init__(self, qm, src) -> None:
+        self._qm, self._src = qm, src
+
+    def get(self, name: str):
+        if name in self._qm.passthrough:
+            return self._qm.passthrough[name].copy()
+        return self._src.get(name)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._src, attr)
+
+
+if __name__ == "__main__":
+    main()
