@@ -19,6 +19,7 @@ def main() -> None:
     from qexport.irio import load_ir, save_ir
     from qexport.methods.e2e import E2EOptions, e2e_tune
     from qexport.model.load import load_model
+    from qexport.pipeline import _FoldedSource   # the IR's passthrough over the source
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ir")
     ap.add_argument("--source", required=True)
@@ -39,27 +40,12 @@ def main() -> None:
                                      seq_len=a.seq_len)
     opts = E2EOptions(epochs=a.epochs, batch=a.batch, train_len=a.train_len, lr=a.lr,
                       norms=not a.no_norms)
-    tensors, norms, rep = e2e_tune(src, _Passthrough(qm, src), qm.tensors, samples, opts)
+    tensors, norms, rep = e2e_tune(src, _FoldedSource(src, qm.passthrough), qm.tensors, samples, opts)
     qm.tensors = tensors
     qm.passthrough.update(norms)
     qm.provenance["e2e"] = {**rep, "calibration": info}
     save_ir(qm, a.output, force=a.force)
     print(f"wrote {a.output}: epoch KL {rep['epoch_loss']}")
-
-
-class _Passthrough:
-    """The IR's passthrough tensors as a source (its own norms / biases), else ``src``'s."""
-
-    def __init__(self, qm, src) -> None:
-        self._qm, self._src = qm, src
-
-    def get(self, name: str):
-        if name in self._qm.passthrough:
-            return self._qm.passthrough[name].copy()
-        return self._src.get(name)
-
-    def __getattr__(self, attr: str):
-        return getattr(self._src, attr)
 
 
 if __name__ == "__main__":
