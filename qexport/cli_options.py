@@ -85,6 +85,26 @@ def quant_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--offload-activations", is_flag=True,
                      help="gptq/leanquant: keep the calibration activations in a temporary "
                           "file in $TMPDIR instead of RAM (same result, less memory)."),
+        click.option("--e2e", default=0, show_default=True, type=click.IntRange(0, 64),
+                     metavar="EPOCHS",
+                     help="after the method: train the grids' float scales (codes fixed) and "
+                          "the RMSNorm weights end to end against the full-precision model's "
+                          "next-token distribution on the calibration windows, EPOCHS passes; "
+                          "fp16-rounded, so every target holds them; 0 = off."),
+        click.option("--e2e-lr", default=None, type=float,
+                     help="--e2e: Adam learning rate of the relative factors [default: 5e-4]."),
+        click.option("--e2e-granularity", default=None, type=click.Choice(["row", "block"]),
+                     help="--e2e: one factor per output row (row) or per scale (block) "
+                          "[default: row]."),
+        click.option("--e2e-batch", default=None, type=click.IntRange(1),
+                     help="--e2e: windows per step [default: 4]."),
+        click.option("--e2e-train-len", default=None, type=click.IntRange(0),
+                     help="--e2e: tokens of each window trained on (a prefix; 0 = whole) "
+                          "[default: 256]."),
+        click.option("--e2e-holdout", default=None, type=click.IntRange(0),
+                     help="--e2e: windows left out of training; their KL before/after is "
+                          "recorded in the provenance [default: 0]."),
+        click.option("--e2e-no-norms", is_flag=True, help="--e2e: keep the norm weights."),
         click.option("--lorc-rank", default=0, show_default=True, type=int,
                      help="Add LoRC low-rank residual factors of this rank."),
         click.option("--lorc-weight", default="none", show_default=True,

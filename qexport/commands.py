@@ -16,7 +16,7 @@ from qexport.specs import (TensorPlan, codebook_spec, linear_names, plan_gguf, p
                            resolve_spec, target_spec)
 
 __all__ = ["build_plan", "build_ir", "print_report", "run_eval", "model_shapes",
-           "tesseraq_overrides", "TQ_CLI"]
+           "tesseraq_overrides", "TQ_CLI", "e2e_overrides", "E2E_CLI"]
 
 #: CLI option (click keyword) -> TesseraQOptions field; None (not given) keeps the default
 TQ_CLI = {"tq_schedule": "thresholds", "tq_steps": "iterations", "tq_lr": "lr",
@@ -117,6 +117,22 @@ def tesseraq_overrides(kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: CLI option (click keyword) -> E2EOptions field (qexport.e2e_stage); None keeps the default
+E2E_CLI = {"e2e_lr": "lr", "e2e_granularity": "granularity", "e2e_batch": "batch",
+           "e2e_train_len": "train_len", "e2e_holdout": "holdout", "e2e_no_norms": "norms"}
+
+
+def e2e_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    """E2EOptions fields set by the ``--e2e-*`` CLI options in ``kw`` (only those given)."""
+    out: dict[str, Any] = {}
+    for opt, fld in E2E_CLI.items():
+        v = kw.get(opt)
+        if v is None or v is False:
+            continue
+        out[fld] = False if opt == "e2e_no_norms" else v
+    return out
+
+
 def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None,
              stream_to: str | Path | None = None) -> QModel:
     """Load ``model_src``, plan per-tensor grids from CLI-style options, quantize
@@ -138,11 +154,13 @@ def build_ir(model_src: str, kw: dict[str, Any], checkpoint: Any = None,
     src = load_model(model_src)
     plan, recipe = build_plan(src, kw)
     fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
-    mapping = {"damp": "percdamp", "damp_mlp": "percdamp_mlp", "block_size": "blocksize"}
+    mapping = {"damp": "percdamp", "damp_mlp": "percdamp_mlp", "block_size": "blocksize",
+               "e2e": "e2e_epochs"}
     opts = QuantizeOptions(**{mapping.get(k, k): v for k, v in kw.items()
                               if mapping.get(k, k) in fields})
     opts.progress = not kw.get("quiet", False)
     opts.tesseraq = tq
+    opts.e2e_options = e2e_overrides(kw)
     if stream_to is None and checkpoint is not None:
         stream_to = getattr(checkpoint, "out", None)
     sink = None

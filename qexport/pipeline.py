@@ -2,8 +2,9 @@
 
 Steps (named, in order): load the plan's weights, calibrate (methods that need a Hessian),
 quantize each linear onto its GridSpec layer by layer, RTN the planned tensors that have no
-calibration inputs (embeddings, lm_head), add LoRC residuals, collect passthrough tensors, and
-record the recipe and provenance.
+calibration inputs (embeddings, lm_head), add LoRC residuals, collect passthrough tensors,
+record the recipe and provenance, and (``e2e_epochs``) tune the float grid parameters end to
+end (:mod:`qexport.e2e_stage`).
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ class QuantizeOptions:
     lorc_weight: str = "none"              # methods.lorc.LORC_WEIGHTS: "hessian" needs calib
     imatrix: str | None = None             # rtn on GGUF grids: llama-imatrix GGUF path or "auto"
     tesseraq: dict[str, Any] = field(default_factory=dict)   # TesseraQOptions overrides
+    e2e_epochs: int = 0                    # e2e_stage: end-to-end float tuning epochs (0: off)
+    e2e_options: dict[str, Any] = field(default_factory=dict)  # E2EOptions overrides
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +67,8 @@ class QuantizeOptions:
         self._check_imatrix()
         self._check_lorc()
         self._check_refit()
+        from qexport.e2e_stage import check_e2e
+        check_e2e(self)
         if self.asym_calib and self.method not in _LAYERWISE:
             raise UnsupportedError(f"--asym-calib applies to the layer-wise calibrated methods "
                                    f"{', '.join(_LAYERWISE)} (not {self.method})")
@@ -270,6 +275,17 @@ def quantize_model(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
     its tensors from there.
     """
     opts.check()
+    qm = _quantize(src, plan, opts, on_tensor, checkpoint, sink)
+    if opts.e2e_epochs:
+        from qexport.e2e_stage import run_e2e
+        qm = run_e2e(qm, src, opts)
+    return qm
+
+
+def _quantize(src: Any, plan: dict[str, TensorPlan], opts: QuantizeOptions,
+              on_tensor: Callable[[str, QTensor], None] | None, checkpoint: Any,
+              sink: Any) -> QModel:
+    """:func:`quantize_model` up to the optional ``--e2e`` stage."""
     n_layers = int(src.arch.n_layers)
     linears = [n for n in linear_names(n_layers) if n in plan]
     tensors: dict[str, QTensor] = {}

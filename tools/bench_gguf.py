@@ -189,15 +189,28 @@ class Bench:
     def qexport_gptq(self, key: str, t: str, method: str = "gptq") -> dict[str, Any]:
         """qexport ``method``, a name of :data:`QEXPORT_METHODS` (gptq and leanquant with
         act-order, as run for the README; tesseraq with its defaults: block reconstruction, no
-        Hessian options)."""
-        from qexport.pipeline import QuantizeOptions, quantize_model
+        Hessian options). The IR before any ``--e2e`` stage is cached under ``OUT/ir``
+        (tools/bench_ir_cache.py), so e2e variants reuse their base variant's IR."""
+        from bench_ir_cache import cached_ir
+        qm = cached_ir(self.s.out, t, self.src(), self.plan(t, True), self.options(method))
+        return self.lower(qm, key, t)
+
+    def options(self, method: str) -> Any:
+        """The QuantizeOptions of a :data:`QEXPORT_METHODS` variant."""
+        from qexport.pipeline import QuantizeOptions
         name, extra = QEXPORT_METHODS[method][:2]
         kw = {"seed": self.s.seed, **extra}              # a variant may set its own seed
-        opts = QuantizeOptions(method=name, calib=str(CALIB), n_samples=self.s.calib_samples,
+        return QuantizeOptions(method=name, calib=str(CALIB), n_samples=self.s.calib_samples,
                                seq_len=self.s.seq_len, progress=False,
                                act_order=None if name == "tesseraq" else True, **kw)
-        qm = quantize_model(self.src(), self.plan(t, True), opts)
-        return self.lower(qm, key, t)
+
+    def adopt(self, spec: str) -> None:
+        """``--adopt-ir METHOD:TYPE:PATH``: an IR built by the CLI with METHOD's settings
+        becomes the cached base IR of METHOD at TYPE (checked by bench_ir_cache.adopt_ir)."""
+        from bench_ir_cache import adopt_ir
+        method, t, path = spec.split(":", 2)
+        dst = adopt_ir(self.s.out, t, self.plan(t, True), self.options(method), Path(path))
+        print(f"adopted {path} as the base IR of {method} at {t}: {dst}")
 
     # -- measurements -------------------------------------------------------------------------
     def perplexity(self, key: str) -> dict[str, Any]:
@@ -359,6 +372,9 @@ def main() -> None:
     ap.add_argument("--headline-only", action="store_true",
                     help="only llama-quantize+imatrix and the qexport methods (no reproductions)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--adopt-ir", action="append", default=[], metavar="METHOD:TYPE:PATH",
+                    help="use an IR made by `qexport quantize` with METHOD's settings as its "
+                         "cached base IR at TYPE (options and grids checked; repeatable)")
     a = ap.parse_args()
     out = Path(a.out) if a.out else REPO / ".cache" / "bench_gguf" / ("quick" if a.quick
                                                                       else "full")
@@ -375,6 +391,8 @@ def main() -> None:
     types = a.types.split(",")
     import torch
     torch.set_num_threads(s.threads)
+    for spec in a.adopt_ir:
+        b.adopt(spec)
     if not a.report_only:
         methods = tuple(a.methods.split(","))
         bad = [m for m in methods if m not in QEXPORT_METHODS]

@@ -1,9 +1,11 @@
 """End-to-end tuning of an IR's float grid parameters and norms (qexport.methods.e2e).
 
     .venv/bin/python tools/e2e_tune_ir.py IN.qir --source sample:smollm2 \
-        --calib ../shared/data/exllamav2-cal/c4.utf8 -o OUT.qir [--epochs 1 --lr 1e-3]
+        --calib ../shared/data/exllamav2-cal/c4.utf8 -o OUT.qir [--epochs 1 --lr 5e-4 --granularity row --holdout 4]
 
-Codes and integer fields stay; the provenance records the tuning under ``e2e``.
+Codes and integer fields stay; the provenance records the tuning under ``e2e``. The same stage
+runs inside ``qexport quantize/convert --e2e N``; this tool applies it to an existing IR (the
+defaults are the CLI's).
 """
 from __future__ import annotations
 
@@ -27,25 +29,30 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-sampling", choices=("random", "tiled"), default="random")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--train-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--no-norms", action="store_true")
+    ap.add_argument("--granularity", choices=("block", "row"), default="row")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="windows kept out of training; their KL is printed before/after")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     qm = load_ir(a.ir)
     src = load_model(a.source)
     samples, info = load_calibration(a.calib, src.tokenizer, n_samples=a.n_samples,
-                                     seq_len=a.seq_len)
+                                     seq_len=a.seq_len, sampling=a.calib_sampling)
     opts = E2EOptions(epochs=a.epochs, batch=a.batch, train_len=a.train_len, lr=a.lr,
-                      norms=not a.no_norms)
+                      norms=not a.no_norms, granularity=a.granularity, holdout=a.holdout)
     tensors, norms, rep = e2e_tune(src, _FoldedSource(src, qm.passthrough), qm.tensors, samples, opts)
     qm.tensors = tensors
     qm.passthrough.update(norms)
     qm.provenance["e2e"] = {**rep, "calibration": info}
     save_ir(qm, a.output, force=a.force)
-    print(f"wrote {a.output}: epoch KL {rep['epoch_loss']}")
+    print(f"wrote {a.output}: epoch KL {rep['epoch_loss']}, held-out KL "
+          f"{rep.get('holdout_kl')}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""End-to-end tuning of the float grid parameters with the codes fixed (``--e2e N``).
+"""End-to-end tuning of the float grid parameters with the codes fixed (``--e2e N``, run by
+:mod:`qexport.e2e_stage`).
 
 Every method above picks codes and scales layer by layer against a *local* objective (the
 layer's Hessian, or a block's output). What the runtime's perplexity sees is the model's output
@@ -43,7 +44,10 @@ from qexport.methods.tesseraq.block import torch_threads
 from qexport.model.arch import layer_prefix
 from qexport.model.forward import DecoderLayer, RMSNorm, Rotary
 
-__all__ = ["E2EOptions", "e2e_tune", "check_e2e_spec"]
+__all__ = ["E2EOptions", "e2e_tune", "check_e2e_spec", "GRANULARITIES"]
+
+#: what one trained factor covers: one grid float, or one output row of a grid family
+GRANULARITIES = ("block", "row")
 
 
 @dataclass
@@ -55,22 +59,32 @@ class E2EOptions:
     Adam's learning rate of the relative factors ``delta`` (cosine-decayed to 0); norms: also
     train the RMSNorm weights (each layer's two and the final norm) the same way; seed: the
     window order; threads: torch threads (fixed, so that the result does not depend on the
-    machine's core count).
+    machine's core count); granularity: ``block`` trains every float of every grid (one
+    factor per scale), ``row`` one factor per output row and family (all of a row's scales
+    move together: far fewer parameters, less noise per step); holdout: the last ``holdout``
+    windows are not trained on, and their KL is reported before and after (0: none).
     """
 
     epochs: int = 1
-    batch: int = 2
+    batch: int = 4
     train_len: int = 256
-    lr: float = 1e-4
+    lr: float = 5e-4
     norms: bool = True
     seed: int = 0
     threads: int | None = 2
+    granularity: str = "row"
+    holdout: int = 0
     progress: bool = True
 
     def check(self) -> None:
         if self.epochs < 0 or self.batch < 1 or not self.lr > 0:
             raise InputError(f"e2e tuning expected epochs >= 0, batch >= 1 and lr > 0 (not "
                              f"{self.epochs}, {self.batch}, {self.lr})")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"e2e granularity expected one of {', '.join(GRANULARITIES)} "
+                             f"(not {self.granularity!r})")
+        if self.holdout < 0:
+            raise InputError(f"e2e holdout expected >= 0 windows (not {self.holdout})")
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("progress", "threads")}
@@ -88,7 +102,7 @@ class _TunedTensor(torch.nn.Module):
     ``A_f`` float32 ``[out, in]`` fixed coefficients (codes, sub-scales), ``theta0_f``
     float32 ``[out, P_f]`` the grid's floats, ``delta_f`` the trained relative factors."""
 
-    def __init__(self, qt: QTensor) -> None:
+    def __init__(self, qt: QTensor, granularity: str = "block") -> None:
         super().__init__()
         check_e2e_spec(qt)
         self.qt = qt
@@ -100,12 +114,14 @@ class _TunedTensor(torch.nn.Module):
             self.lens.append(L)
             self.register_buffer(f"coef{i}", torch.from_numpy(coef.astype(np.float32)))
             self.register_buffer(f"theta{i}", torch.from_numpy(old[nm].astype(np.float32)))
-            setattr(self, f"delta{i}", torch.nn.Parameter(torch.zeros_like(
-                getattr(self, f"theta{i}"))))
+            th = getattr(self, f"theta{i}")
+            shape = th.shape if granularity == "block" else (th.shape[0], 1)
+            setattr(self, f"delta{i}", torch.nn.Parameter(torch.zeros(shape)))
         res = qt.residual.matrix() if qt.residual is not None else None
         self.register_buffer("res", None if res is None else torch.from_numpy(res))
 
     def theta(self, i: int) -> torch.Tensor:
+        """float32 ``[out, P_i]`` (a ``row`` factor ``[out, 1]`` broadcasts)."""
         return getattr(self, f"theta{i}") * (1 + getattr(self, f"delta{i}"))
 
     def weight(self) -> torch.Tensor:
@@ -158,7 +174,7 @@ class _Student(torch.nn.Module):
     ``src`` (the quantized model's passthrough tensors)."""
 
     def __init__(self, src: Any, tensors: Mapping[str, QTensor], layers: list[DecoderLayer],
-                 train_norms: bool) -> None:
+                 train_norms: bool, granularity: str = "block") -> None:
         super().__init__()
         self.arch = src.arch
         self.layers_fp = layers
@@ -166,7 +182,7 @@ class _Student(torch.nn.Module):
         self.keys: dict[str, str] = {}
         for name, qt in tensors.items():
             self.keys[name] = _key(name)
-            self.tuned[_key(name)] = _TunedTensor(qt)
+            self.tuned[_key(name)] = _TunedTensor(qt, granularity)
         norms = set(_norm_names(src.arch))
         self.norms = torch.nn.ModuleDict({_key(n): _Norm(src.get(n), train_norms)
                                           for n in sorted(norms)})
@@ -237,16 +253,23 @@ def e2e_tune(teacher_src: Any, src: Any, tensors: Mapping[str, QTensor], samples
     Returns:
         ``(tensors, norm_updates, report)``: new QTensors (same codes, same integer fields),
         the trained norm weights (float32 by HF name; empty unless ``opts.norms``), and
-        ``{"options", "epoch_loss"}`` (mean KL per epoch, nats/token; deterministic).
+        ``{"options", "epoch_loss"[, "holdout_kl"]}`` (mean KL per epoch, nats/token;
+        with ``opts.holdout``, ``{"before", "after"}`` on the held-out full windows;
+        deterministic).
     Raises:
         NumericsError: the loss became NaN/inf.
     """
     opts.check()
     T = samples.shape[1] if opts.train_len <= 0 else min(opts.train_len, samples.shape[1])
-    samples = samples[:, :T]
+    if opts.holdout >= samples.shape[0]:
+        raise InputError(f"e2e holdout expected fewer than the {samples.shape[0]} windows "
+                         f"(not {opts.holdout})")
+    held = samples[samples.shape[0] - opts.holdout:] if opts.holdout else samples[:0]
+    samples = samples[:samples.shape[0] - opts.holdout, :T]
     with torch_threads(opts.threads):
         layers, teacher = _teacher(teacher_src)
-        student = _Student(src, tensors, layers, opts.norms)
+        student = _Student(src, tensors, layers, opts.norms, opts.granularity)
+        held_before = _held_kl(teacher, student, held, src.arch, opts.batch)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=opts.lr)
         n = samples.shape[0]
@@ -277,6 +300,7 @@ def e2e_tune(teacher_src: Any, src: Any, tensors: Mapping[str, QTensor], samples
             losses.append(round(acc / steps_per_epoch, 6))
         bar.close()
         out = {name: student.tuned[key].export() for name, key in student.keys.items()}
+        held_after = _held_kl(teacher, student, held, src.arch, opts.batch)
         norms: dict[str, np.ndarray] = {}
         if opts.norms:
             with torch.no_grad():
@@ -284,4 +308,22 @@ def e2e_tune(teacher_src: Any, src: Any, tensors: Mapping[str, QTensor], samples
                     norms[name] = student.tensor(name).numpy().astype(np.float32)
     for qt in out.values():
         qt.stats["e2e"] = opts.epochs
-    return out, norms, {"options": opts.record(), "epoch_loss": losses}
+    report: dict[str, Any] = {"options": opts.record(), "epoch_loss": losses}
+    if opts.holdout:
+        report["holdout_kl"] = {"before": held_before, "after": held_after}
+    return out, norms, report
+
+
+@torch.no_grad()
+def _held_kl(teacher: Callable, student: "_Student", held: torch.Tensor, arch: Any,
+             batch: int) -> float | None:
+    """Mean KL (nats/token) of ``student`` (unrounded factors) to ``teacher`` on the held-out
+    windows int64 ``[H, T]``; None when there are none."""
+    if held.shape[0] == 0:
+        return None
+    rope = Rotary(arch)(held.shape[1])
+    tot = 0.0
+    for s in range(0, held.shape[0], batch):
+        ids = held[s:s + batch]
+        tot += float(_kl(teacher(ids, rope), student(ids, rope))) * ids.shape[0]
+    return round(tot / held.shape[0], 6)
