@@ -25,80 +25,10 @@ import numpy as np
 
 __all__ = ["QEXPORT_METHODS", "METHOD_LABELS", "gguf_stats", "compare_gguf", "imatrix_agreement",
            "parse_ppl", "results_table", "table_markdown", "repro_table", "plot_results", "NOTES",
-           "imatrix_lines", "types_lines"]
+           "imatrix_lines", "types_lines", "target_lines"]
 
-#: qexport's methods in the benchmark: name -> (``qexport --method``, QuantizeOptions overrides,
-#: table label, optional). Optional variants run only when named in ``--methods`` and are
-#: listed only for the types where they were built: e.g. leanquant-p1 (leanquant's loss-weight
-#: exponent, default p = 2) and tesseraq-minmax (TesseraQ on the paper's min-max grid, the
-#: default before 2026-11-24).
-QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
-    "gptq": ("gptq", {}, "qexport gptq", False),
-    "leanquant": ("leanquant", {}, "qexport leanquant (act-order)", False),
-    "leanquant-p1": ("leanquant", {"p": 1.0}, "qexport leanquant --p 1 (act-order)", True),
-    "leanquant-d01": ("leanquant", {"percdamp": 0.01}, "qexport leanquant --damp 0.01 (act-order)",
-                      True),
-    "leanquant-r2": ("leanquant", {"refit": 2}, "qexport leanquant --refit 2 (act-order)", True),
-    "leanquant-d01-r2": ("leanquant", {"percdamp": 0.01, "refit": 2},
-                         "qexport leanquant --damp 0.01 --refit 2 (act-order)", True),
-    "leanquant-d003-r2": ("leanquant", {"percdamp": 0.03, "refit": 2},
-                          "qexport leanquant --damp 0.03 --refit 2 (act-order)", True),
-    "leanquant-d003-r3": ("leanquant", {"percdamp": 0.03, "refit": 3},
-                          "qexport leanquant --damp 0.03 --refit 3 (act-order)", True),
-    "leanquant-r2-sub": ("leanquant", {"refit": 2, "refit_sub": True},
-                         "qexport leanquant --refit 2 --refit-sub (act-order)", True),
-    "leanquant-d003-r2-sub": ("leanquant", {"percdamp": 0.03, "refit": 2, "refit_sub": True},
-                              "qexport leanquant --damp 0.03 --refit 2 --refit-sub (act-order)",
-                              True),
-    "leanquant-d01-r2-cd2": ("leanquant", {"percdamp": 0.01, "refit": 2, "cd": 2},
-                             "qexport leanquant --damp 0.01 --refit 2 --cd 2 (act-order)", True),
-    "leanquant-r2-sub-cd2": ("leanquant", {"refit": 2, "refit_sub": True, "cd": 2},
-                             "qexport leanquant --refit 2 --refit-sub --cd 2 (act-order)", True),
-    "leanquant-d003-r2-sub-cd2": ("leanquant", {"percdamp": 0.03, "refit": 2, "refit_sub": True,
-                                                "cd": 2},
-                                  "qexport leanquant --damp 0.03 --refit 2 --refit-sub --cd 2 "
-                                  "(act-order)", True),
-    "leanquant-asym": ("leanquant", {"asym_calib": True},
-                       "qexport leanquant --asym-calib (act-order)", True),
-    "leanquant-d01-r2-asym": ("leanquant", {"percdamp": 0.01, "refit": 2, "asym_calib": True},
-                              "qexport leanquant --damp 0.01 --refit 2 --asym-calib (act-order)",
-                              True),
-    "leanquant-dmlp-r2": ("leanquant", {"percdamp": 0.01, "percdamp_mlp": 0.1, "refit": 2},
-                          "qexport leanquant --damp 0.01 --damp-mlp 0.1 --refit 2 (act-order)",
-                          True),
-    "leanquant-d01-r2-tiled": ("leanquant", {"percdamp": 0.01, "refit": 2,
-                                             "calib_sampling": "tiled"},
-                               "qexport leanquant --damp 0.01 --refit 2 --calib-sampling tiled "
-                               "(act-order)", True),
-    "leanquant-d003-r2-tiled": ("leanquant", {"percdamp": 0.03, "refit": 2,
-                                              "calib_sampling": "tiled"},
-                                "qexport leanquant --damp 0.03 --refit 2 --calib-sampling tiled "
-                                "(act-order)", True),
-    "leanquant-r2-sub-tiled": ("leanquant", {"refit": 2, "refit_sub": True,
-                                             "calib_sampling": "tiled"},
-                               "qexport leanquant --refit 2 --refit-sub --calib-sampling tiled "
-                               "(act-order)", True),
-    "leanquant-d01-r2-e2e": ("leanquant", {"percdamp": 0.01, "refit": 2, "e2e_epochs": 1,
-                                           "e2e_options": {"holdout": 4}},
-                             "qexport leanquant --damp 0.01 --refit 2 --e2e 1 --e2e-holdout 4 "
-                             "(act-order)", True),
-    "leanquant-d003-r2-e2e": ("leanquant", {"percdamp": 0.03, "refit": 2, "e2e_epochs": 1,
-                                            "e2e_options": {"holdout": 4}},
-                              "qexport leanquant --damp 0.03 --refit 2 --e2e 1 --e2e-holdout 4 "
-                              "(act-order)", True),
-    "leanquant-r2-sub-tiled-e2e": ("leanquant", {"refit": 2, "refit_sub": True,
-                                                 "calib_sampling": "tiled", "e2e_epochs": 1,
-                                                 "e2e_options": {"holdout": 4}},
-                                   "qexport leanquant --refit 2 --refit-sub --calib-sampling "
-                                   "tiled --e2e 1 --e2e-holdout 4 (act-order)", True),
-    "leanquant-d01-r2-s1": ("leanquant", {"percdamp": 0.01, "refit": 2, "seed": 1},
-                            "qexport leanquant --damp 0.01 --refit 2 --seed 1 (act-order)", True),
-    "leanquant-d003-r2-s1": ("leanquant", {"percdamp": 0.03, "refit": 2, "seed": 1},
-                             "qexport leanquant --damp 0.03 --refit 2 --seed 1 (act-order)", True),
-    "tesseraq": ("tesseraq", {}, "qexport tesseraq", False),
-    "tesseraq-minmax": ("tesseraq", {"tesseraq": {"grid_init": "minmax"}},
-                        "qexport tesseraq --tq-grid-init minmax", True),
-}
+from bench_gguf_variants import QEXPORT_METHODS  # noqa: E402  (re-exported)
+
 # every file key's method -> label (reference files first, then qexport's)
 METHOD_LABELS = {
     "lq": "llama-quantize",
@@ -374,4 +304,21 @@ def types_lines(r: dict[str, Any], types: list[str]) -> list[str]:
             bb = r.get(f"build|{m}|{t}") or {}
             cells.append(", ".join(f"{k} x{v}" for k, v in bb.get("types", {}).items()) or "–")
         out.append(f"| {t} | {cells[0]} | {cells[1]} |")
+    return out + [""]
+
+
+def target_lines(r: dict[str, Any], types: list[str]) -> list[str]:
+    """The report's target section: per type, the best qexport ratio and every variant's."""
+    rows = {x["key"]: x for x in results_table(r, types)}
+    out = ["## Target: qexport ΔPPL <= 0.5 x llama-quantize+imatrix ΔPPL", ""]
+    for t in types:
+        got = [(rows[k]["ratio"], m) for m in QEXPORT_METHODS
+               if (k := f"{m}|{t}") in rows and rows[k]["ratio"] is not None]
+        if not got:
+            out.append(f"- {t}: not measured")
+            continue
+        ratio, m = min(got)
+        verdict = "met" if ratio <= 0.5 else "NOT met"
+        each = ", ".join(f"{mm} {r:.2f}" for r, mm in got)
+        out.append(f"- {t}: best qexport ratio {ratio:.3f} ({m}; {each}) -> {verdict}")
     return out + [""]
