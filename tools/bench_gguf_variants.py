@@ -76,6 +76,14 @@ QEXPORT_METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
                                                   "e2e_options": {"holdout": 4}},
                                     "qexport leanquant --refit 2 --refit-sub --calib-sampling "
                                     "tiled --e2e 3 --e2e-holdout 4 (act-order)", True),
+    "leanquant-r2-sub-tiled-e2e3-lr1e3": ("leanquant", {"refit": 2, "refit_sub": True,
+                                                        "calib_sampling": "tiled",
+                                                        "e2e_epochs": 3,
+                                                        "e2e_options": {"holdout": 4,
+                                                                        "lr": 1e-3}},
+                                          "qexport leanquant --refit 2 --refit-sub "
+                                          "--calib-sampling tiled --e2e 3 --e2e-lr 1e-3 "
+                                          "--e2e-holdout 4 (act-order)", True),
     "leanquant-d01-r2-s1": ("leanquant", {"percdamp": 0.01, "refit": 2, "seed": 1},
                             "qexport leanquant --damp 0.01 --refit 2 --seed 1 (act-order)", True),
     "leanquant-d003-r2-s1": ("leanquant", {"percdamp": 0.03, "refit": 2, "seed": 1},
