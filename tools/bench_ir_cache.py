@@ -61,6 +61,7 @@ def adopt_ir(folder: Path, tag: str, plan: dict[str, Any], opts: Any, ir: Path) 
     """
     import shutil
 
+    from qexport.atomic import atomic_output
     from qexport.irio import load_ir
     qm = load_ir(ir, lazy=True)
     got = qm.provenance.get("options", {})
@@ -81,7 +82,6 @@ def adopt_ir(folder: Path, tag: str, plan: dict[str, Any], opts: Any, ir: Path) 
             raise SystemExit(f"{ir}: tensor {n} expected grid {tp.spec.name} (found {found})")
     dst = folder / "ir" / f"{tag}-{base_key(plan, opts)}.qir"
     if not dst.is_dir():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(ir, dst.with_suffix(".tmp"), dirs_exist_ok=True)
-        dst.with_suffix(".tmp").rename(dst)
+        with atomic_output(dst, is_dir=True) as tmp:
+            shutil.copytree(ir, tmp, dirs_exist_ok=True)
     return dst

@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from qexport.calib import load_calibration
+    from qexport.e2e_stage import run_e2e
     from qexport.irio import load_ir, save_ir
-    from qexport.methods.e2e import E2EOptions, e2e_tune
     from qexport.model.load import load_model
-    from qexport.pipeline import _FoldedSource   # the IR's passthrough over the source
+    from qexport.pipeline import QuantizeOptions
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ir")
     ap.add_argument("--source", required=True)
@@ -40,17 +39,15 @@ def main() -> None:
                     help="windows kept out of training; their KL is printed before/after")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
-    qm = load_ir(a.ir)
-    src = load_model(a.source)
-    samples, info = load_calibration(a.calib, src.tokenizer, n_samples=a.n_samples,
-                                     seq_len=a.seq_len, sampling=a.calib_sampling)
-    opts = E2EOptions(epochs=a.epochs, batch=a.batch, train_len=a.train_len, lr=a.lr,
-                      norms=not a.no_norms, granularity=a.granularity, holdout=a.holdout)
-    tensors, norms, rep = e2e_tune(src, _FoldedSource(src, qm.passthrough), qm.tensors, samples, opts)
-    qm.tensors = tensors
-    qm.passthrough.update(norms)
-    qm.provenance["e2e"] = {**rep, "calibration": info}
+    # the CLI's --e2e stage on an existing IR: only the calibration and e2e fields are read
+    opts = QuantizeOptions(calib=a.calib, n_samples=a.n_samples, seq_len=a.seq_len,
+                           calib_sampling=a.calib_sampling, e2e_epochs=a.epochs,
+                           e2e_options={"batch": a.batch, "train_len": a.train_len, "lr": a.lr,
+                                        "norms": not a.no_norms,
+                                        "granularity": a.granularity, "holdout": a.holdout})
+    qm = run_e2e(load_ir(a.ir), load_model(a.source), opts)
     save_ir(qm, a.output, force=a.force)
+    rep = qm.provenance["e2e"]
     print(f"wrote {a.output}: epoch KL {rep['epoch_loss']}, held-out KL "
           f"{rep.get('holdout_kl')}")
 
